@@ -1,0 +1,9 @@
+"""Visual anomaly detection: datasets, metrics, methods behind one interface, and the CLI.
+
+Importing the package registers every method, so `build_model` and `load_model` know them all.
+"""
+
+from anomaly_models import ae  # noqa: F401  (registers the method)
+from anomaly_models.base import AnomalyModel, available_models, build_model, load_model
+
+__all__ = ["AnomalyModel", "available_models", "build_model", "load_model"]

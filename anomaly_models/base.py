@@ -1,0 +1,192 @@
+"""The one interface every method implements, the method registry, and checkpoint files.
+
+Evaluation, thresholds, reports, serving and export are written once against `AnomalyModel`:
+
+    model = build_model("ae", config={"latent_channels": 32}, train={"epochs": 5})
+    history = model.fit(train_loader, val_loader)      # one dict per epoch
+    scores, maps = model.predict(images)               # (B,), (B, H, W) or None
+    model.save("model.pt"); model = load_model("model.pt")
+
+A checkpoint is one file holding the method name, its config, the training config, the
+preprocessing, the decision threshold (if any), the per-epoch history and the tensors; it loads
+with `torch.load(weights_only=True)`, so opening a checkpoint never runs code.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch.utils.data import DataLoader
+
+from anomaly_models.config import Params, TrainConfig, from_dict, to_dict
+from anomaly_models.errors import CheckpointError, ConfigError
+from anomaly_models.transforms import Preprocessing
+
+CHECKPOINT_FORMAT = 1
+MODELS: dict[str, type["AnomalyModel"]] = {}
+
+
+class AnomalyModel(ABC):
+    """A trainable anomaly detector: higher scores mean more anomalous."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type]  # dataclass of the method's hyper-parameters
+
+    def __init__(
+        self,
+        config: Any = None,
+        train: TrainConfig | None = None,
+        preprocessing: Preprocessing | None = None,
+    ):
+        self.config = config if config is not None else self.config_class()
+        self.train_config = train or TrainConfig()
+        self.preprocessing = preprocessing or self.default_preprocessing()
+        self.threshold: dict[str, Any] | None = None  # {"rule": ..., "value": ...} once decided
+        self.history: list[dict[str, float]] = []
+        self.metadata: dict[str, Any] = {}  # provenance, e.g. the data config it was trained on
+
+    def default_preprocessing(self) -> Preprocessing:
+        """The transform this method expects when the user gives none."""
+        return Preprocessing()
+
+    @abstractmethod
+    def fit(self, train_loader: DataLoader, val_loader: DataLoader | None = None) -> list[dict]:
+        """Train on normal images only; return (and keep in `history`) one dict per epoch."""
+
+    @abstractmethod
+    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Score preprocessed images: (B,) image scores and (B, H, W) anomaly maps or None."""
+
+    # Methods keep their torch network in `self.network`; those with more state (a feature
+    # bank, a memory) override the three methods below.
+    network: torch.nn.Module
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors (and plain values) that, with the config, restore the trained model."""
+        return {"network": self.network.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Inverse of `state_dict`; leaves the network in eval mode."""
+        self.network.load_state_dict(state["network"])
+        self.network.eval()
+
+    def to(self, device: torch.device | str) -> "AnomalyModel":
+        """Move the model's tensors to `device` (predict follows them)."""
+        self.network.to(device)
+        return self
+
+    def save(self, path: str | Path) -> Path:
+        """Write the checkpoint atomically: a temp file in the same folder, then a rename."""
+        checkpoint = {
+            "format": CHECKPOINT_FORMAT,
+            "method": self.name,
+            "config": to_dict(self.config),
+            "train": to_dict(self.train_config),
+            "preprocessing": self.preprocessing.to_dict(),
+            "threshold": self.threshold,
+            "history": self.history,
+            "metadata": self.metadata,
+            "state": self.state_dict(),
+        }
+        return atomic_torch_save(checkpoint, path)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict[str, Any]) -> "AnomalyModel":
+        model = cls(
+            from_dict(cls.config_class, checkpoint["config"], "config"),
+            from_dict(TrainConfig, checkpoint["train"], "train"),
+            Preprocessing.from_dict(checkpoint["preprocessing"]),
+        )
+        model.threshold = checkpoint.get("threshold")
+        model.history = list(checkpoint.get("history", []))
+        model.metadata = dict(checkpoint.get("metadata", {}))
+        model.load_state_dict(checkpoint["state"])
+        return model
+
+
+def register_model(cls: type[AnomalyModel]) -> type[AnomalyModel]:
+    """Class decorator adding a method to the registry under its `name`."""
+    MODELS[cls.name] = cls
+    return cls
+
+
+def available_models() -> list[str]:
+    return sorted(MODELS)
+
+
+def build_model(
+    name: str,
+    config: dict[str, Any] | None = None,
+    train: dict[str, Any] | None = None,
+    preprocessing: dict[str, Any] | None = None,
+) -> AnomalyModel:
+    """Instantiate method `name` from plain dicts, validating every key."""
+    if name not in MODELS:
+        raise ConfigError(f"unknown method {name!r} (available: {', '.join(available_models())})")
+    cls = MODELS[name]
+    model = cls(
+        from_dict(cls.config_class, config, f"model.{name}"),
+        from_dict(TrainConfig, train, "train"),
+    )
+    if preprocessing:
+        merged = {**model.preprocessing.to_dict(), **preprocessing}
+        model.preprocessing = Preprocessing.from_dict(merged)
+    return model
+
+
+def load_model(path: str | Path) -> AnomalyModel:
+    """Load any method's checkpoint; the method is read from the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a damaged or foreign file
+        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a checkpoint of this project (format {CHECKPOINT_FORMAT})")
+    method = checkpoint.get("method")
+    if method not in MODELS:
+        raise CheckpointError(
+            f"{path} holds method {method!r}, which is not available ({', '.join(available_models())})"
+        )
+    return MODELS[method].from_checkpoint(checkpoint)
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    """torch.save to a temp file beside `path`, then rename, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            torch.save(obj, file)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def model_from_params(params: Params) -> AnomalyModel:
+    """The untrained model that `params` describes; every method section is validated first."""
+    for name, options in params.model.options.items():
+        if name not in MODELS:
+            raise ConfigError(
+                f"model.{name}: not a method (available: {', '.join(available_models())})"
+            )
+        from_dict(MODELS[name].config_class, options, f"model.{name}")
+    image_size = params.model.image_size
+    model = build_model(
+        params.model.method,
+        params.model.method_options(),
+        to_dict(params.train),
+        {"image_size": image_size} if image_size else None,
+    )
+    model.metadata["data"] = to_dict(params.data)
+    return model

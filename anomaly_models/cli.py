@@ -1,0 +1,215 @@
+"""`anomaly`: the command line shared by people, DVC stages and Prefect tasks.
+
+    anomaly train --method ae --dataset mvtec --category bottle --out models/ae.pt
+    anomaly evaluate --model models/ae.pt --out metrics/ae.json
+
+Bad input ends with one line naming the file or key and exit code 2, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from anomaly_models.config import ModelConfig, Params, deep_merge, load_params, params_from_dict, to_dict
+from anomaly_models.errors import AnomalyError, ConfigError
+
+EXIT_BAD_INPUT = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return args.handler(args)
+    except AnomalyError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def train(args: argparse.Namespace) -> int:
+    from torch.utils.data import DataLoader
+
+    from anomaly_models.base import model_from_params
+    from anomaly_models.data import build_dataset
+    from anomaly_models.training import TrainingDiverged, seed_everything
+
+    params = _params(args)
+    model = model_from_params(params)
+    train_set = build_dataset(params.data, "train", model.preprocessing)
+    val_set = build_dataset(params.data, "val", model.preprocessing)
+    t = model.train_config
+    generator = seed_everything(t.seed)
+    train_loader = DataLoader(
+        train_set, batch_size=t.batch_size, shuffle=True, generator=generator,
+        num_workers=t.num_workers, drop_last=len(train_set) > t.batch_size,
+    )
+    val_loader = DataLoader(val_set, batch_size=t.batch_size, num_workers=t.num_workers)
+    print(f"training {model.name} on {len(train_set)} normal images ({len(val_set)} held out)")
+    started = time.perf_counter()
+    try:
+        history = model.fit(train_loader, val_loader)
+    except TrainingDiverged as error:
+        raise AnomalyError(f"training stopped: {error}") from None
+    seconds = time.perf_counter() - started
+    model.save(args.out)
+    last = history[-1] if history else {}
+    summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k != "epoch")
+    print(f"trained in {seconds:.1f} s ({summary}); saved {args.out}")
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    from anomaly_models import load_model
+    from anomaly_models.data import build_dataset
+    from anomaly_models.evaluation import evaluate as compute, predict_dataset
+
+    model = load_model(args.model)
+    trained_on = {"data": model.metadata.get("data") or {}}
+    params = _params(args, base=trained_on)
+    data = params.data
+    test_set = build_dataset(data, "test", model.preprocessing)
+    started = time.perf_counter()
+    predictions = predict_dataset(model, test_set, params.evaluate.batch_size, args.device or "auto")
+    seconds = time.perf_counter() - started
+    metrics: dict[str, Any] = compute(predictions, params.evaluate.fpr_limit)
+    metrics.update(
+        method=model.name, dataset=data.dataset,
+        subject=data.category if data.dataset == "mvtec" else data.normal_class,
+        num_test_images=len(test_set), images_per_second=len(test_set) / seconds,
+    )
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n")
+    print(_table(metrics))
+    return 0
+
+
+def download(args: argparse.Namespace) -> int:
+    from anomaly_models.data import default_data_root
+    from anomaly_models.data.download import download_dataset
+
+    root = Path(args.data_root) if args.data_root else default_data_root(args.dataset)
+    folder = download_dataset(args.dataset, root, category=args.category)
+    print(f"{args.dataset} ready in {folder}")
+    return 0
+
+
+def _table(metrics: dict[str, Any]) -> str:
+    width = max(len(k) for k in metrics)
+    lines = []
+    for key, value in metrics.items():
+        shown = "n/a" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+        lines.append(f"{key:<{width}}  {shown}")
+    return "\n".join(lines)
+
+
+def _params(args: argparse.Namespace, base: dict | None = None) -> Params:
+    """Params from (lowest first) `base`, the --params file and profile, then the flags given."""
+    raw: dict[str, Any] = dict(base or {})
+    if args.params:
+        raw = deep_merge(raw, to_dict(load_params(args.params, args.profile)))
+        raw["model"] = _model_section(raw["model"])
+    flags = {
+        "data": {
+            "dataset": args.dataset, "root": args.data_root, "category": args.category,
+            "normal_class": args.normal_class, "val_fraction": args.val_fraction,
+            "on_bad_image": args.on_bad_image,
+        },
+        "train": {
+            key: getattr(args, key, None)
+            for key in ("epochs", "batch_size", "lr", "seed", "device")
+        },
+        "evaluate": {"batch_size": getattr(args, "eval_batch_size", None)},
+        "model": {"method": getattr(args, "method", None), "image_size": getattr(args, "image_size", None)},
+    }
+    given = {section: {k: v for k, v in values.items() if v is not None} for section, values in flags.items()}
+    raw = deep_merge(raw, given)
+    if getattr(args, "set", None):
+        method = raw.get("model", {}).get("method", ModelConfig.method)
+        raw = deep_merge(raw, {"model": {method: _key_values(args.set)}})
+    return params_from_dict(raw, args.params or "command line")
+
+
+def _model_section(model: dict) -> dict:
+    """ModelConfig as a dict puts method sections under 'options'; params.yaml has them inline."""
+    model = dict(model)
+    return {**model.pop("options", {}), **{k: v for k, v in model.items() if v is not None}}
+
+
+def _key_values(pairs: list[str]) -> dict[str, Any]:
+    """--set key=value pairs, values parsed as YAML scalars (so 32 is an int, true a bool)."""
+    result = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got {pair!r}")
+        result[key.strip()] = yaml.safe_load(value)
+    return result
+
+
+def _add_data_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--params", help="params.yaml to read settings from (flags override it)")
+    parser.add_argument("--profile", help="profile of the params file to overlay, e.g. test")
+    group = parser.add_argument_group("data")
+    group.add_argument("--dataset", choices=["mvtec", "cifar10", "folder"])
+    group.add_argument(
+        "--data-root",
+        help="the dataset's folder (mvtec: holds category folders; cifar10: holds train/ + test/ "
+        "or cifar-10-batches-py/). Default: $ANOMALY_DATA_DIR/<dataset>, then ../shared/data/<dataset>",
+    )
+    group.add_argument("--category", help="MVTec-layout product folder, e.g. bottle")
+    group.add_argument("--normal-class", help="one-class protocol: the normal class (name or index)")
+    group.add_argument("--val-fraction", type=float, help="normal training images held out (default 0.1)")
+    group.add_argument("--on-bad-image", choices=["error", "skip"], help="unreadable image: stop or skip it")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from anomaly_models import available_models
+
+    parser = argparse.ArgumentParser(prog="anomaly", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    p = commands.add_parser("train", help="train a method on normal images and save a checkpoint")
+    p.add_argument("--method", choices=available_models(), help="default: params file, else ae")
+    p.add_argument("--out", required=True, help="checkpoint file to write (.pt)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a method hyper-parameter, e.g. --set latent_channels=32 (repeatable)")
+    _add_data_flags(p)
+    p.set_defaults(handler=train)
+
+    p = commands.add_parser("evaluate", help="score the test split and write metrics.json")
+    p.add_argument("--model", required=True, help="checkpoint written by `anomaly train`")
+    p.add_argument("--out", help="metrics JSON file to write")
+    p.add_argument("--batch-size", type=int, dest="eval_batch_size")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    _add_data_flags(p)
+    p.set_defaults(handler=evaluate)
+
+    p = commands.add_parser("download", help="fetch a dataset from its official source (checksummed)")
+    p.add_argument("dataset", choices=["mvtec", "cifar10"])
+    p.add_argument("--category", help="mvtec: one category (default: the whole dataset)")
+    p.add_argument("--data-root", help="folder to download into (default: the dataset's data root)")
+    p.set_defaults(handler=download)
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""Typed configuration: dataclasses plus one validator that names the offending key.
+
+Every tunable number lives in a dataclass here or in a method's own config dataclass, never inline
+in the code. `from_dict` turns a plain mapping (parsed YAML, CLI flags, a checkpoint) into such a
+dataclass and rejects unknown keys and values of the wrong type with the key's full path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Mapping, TypeVar
+
+import yaml
+
+from anomaly_models.errors import ConfigError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How a method is optimised; shared by every trainable method."""
+
+    epochs: int = 50
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    mixed_precision: bool = True  # only takes effect on CUDA
+    num_workers: int = 0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which images a run reads and how the normal training images are split."""
+
+    dataset: Literal["mvtec", "cifar10", "folder"] = "mvtec"
+    root: str | None = None  # None: $ANOMALY_DATA_DIR/<dataset>, then ../shared/data/<dataset>
+    category: str = "bottle"  # MVTec-layout product folder
+    normal_class: str = "airplane"  # one-class protocol: the class treated as normal
+    val_fraction: float = 0.1  # of the normal training images, held out for thresholds/selection
+    split_seed: int = 0
+    on_bad_image: Literal["error", "skip"] = "error"
+    cache_images: bool = True  # keep preprocessed tensors in memory between epochs
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any] | None, path: str = "") -> T:
+    """Build dataclass `cls` from `data`, checking every key and value; `path` prefixes messages."""
+    data = dict(data or {})
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown key {_join(path, unknown[0])!r} (allowed: {', '.join(sorted(fields))})"
+        )
+    hints = typing.get_type_hints(cls)
+    values = {name: _coerce(value, hints[name], _join(path, name)) for name, value in data.items()}
+    return cls(**values)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain, YAML/JSON/torch.save-safe dict of a config dataclass (tuples become lists)."""
+    return _plain(dataclasses.asdict(config))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _coerce(value: Any, hint: Any, path: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return from_dict(hint, value, path)
+    if origin is Literal:
+        if value not in args:
+            allowed = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"{path}: {value!r} is not allowed (allowed: {allowed})")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, option, path)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0])
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        item = args[0]
+        return tuple(_coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """How the test split is scored."""
+
+    batch_size: int = 32
+    fpr_limit: float = 0.3  # AUPRO integrates the PRO curve up to this false-positive rate
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which method to train; `options` holds each method's own section, validated by the method."""
+
+    method: str = "ae"
+    image_size: int | None = None  # None: the method's default input size
+    options: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+    def method_options(self) -> dict[str, Any]:
+        return dict(self.options.get(self.method) or {})
+
+
+@dataclass(frozen=True)
+class Params:
+    """Everything `params.yaml` configures, typed."""
+
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+
+PROFILE_ENV = "ANOMALY_PROFILE"
+
+
+def load_params(path: str | Path, profile: str | None = None) -> Params:
+    """Read params.yaml, overlay `profiles.<profile>` (or $ANOMALY_PROFILE) on it, and validate."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"params file not found: {path}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    profiles = raw.pop("profiles", None) or {}
+    profile = profile or os.environ.get(PROFILE_ENV) or None
+    if profile:
+        if profile not in profiles:
+            raise ConfigError(f"{path}: unknown profile {profile!r} (defined: {', '.join(profiles) or 'none'})")
+        raw = deep_merge(raw, profiles[profile])
+    return params_from_dict(raw, str(path))
+
+
+def params_from_dict(raw: Mapping[str, Any], source: str = "params") -> Params:
+    """Validate a params mapping; messages carry the source file and the key path."""
+    raw = dict(raw)
+    model = dict(raw.pop("model", None) or {})
+    method = model.pop("method", ModelConfig.method)
+    image_size = model.pop("image_size", None)
+    try:
+        if not isinstance(method, str):
+            raise ConfigError(f"model.method: expected a string, got {method!r}")
+        if image_size is not None:
+            image_size = _coerce(image_size, int, "model.image_size")
+        for name, section in model.items():
+            if section is not None and not isinstance(section, Mapping):
+                raise ConfigError(f"model.{name}: expected a mapping of {name}'s hyper-parameters")
+        params = from_dict(Params, raw)
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {error}") from None
+    options = {name: dict(section or {}) for name, section in model.items()}
+    return dataclasses.replace(params, model=ModelConfig(method, image_size, options))
+
+
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Nested dict update: override's leaves replace base's, sibling keys are kept."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged

@@ -1,0 +1,45 @@
+"""Shared fixtures: the real bundled data, and small MVTec-layout folders built from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from anomaly_models.data import default_data_root
+
+
+@pytest.fixture(scope="session")
+def mvtec_root() -> Path:
+    root = default_data_root("mvtec")
+    assert (root / "bottle" / "train" / "good").is_dir(), f"bundled MVTec bottle data missing under {root}"
+    return root
+
+
+@pytest.fixture(scope="session")
+def cifar_root() -> Path:
+    root = default_data_root("cifar10")
+    assert (root / "train" / "cat").is_dir(), f"bundled CIFAR-10 data missing under {root}"
+    return root
+
+
+@pytest.fixture
+def tiny_mvtec(tmp_path: Path, mvtec_root: Path) -> Path:
+    """A 'widget' category in MVTec layout: 6 train, 2 good + 2 broken_large test images, 64 px."""
+    bottle = mvtec_root / "bottle"
+    root = tmp_path / "mvtec"
+
+    def copy(src: Path, dst: Path, mode: str = "RGB") -> None:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        Image.open(src).convert(mode).resize((64, 64), Image.NEAREST).save(dst)
+
+    for src in sorted((bottle / "train" / "good").glob("*.png"))[:6]:
+        copy(src, root / "widget" / "train" / "good" / src.name)
+    for src in sorted((bottle / "test" / "good").glob("*.png"))[:2]:
+        copy(src, root / "widget" / "test" / "good" / src.name)
+    for src in sorted((bottle / "test" / "broken_large").glob("*.png"))[:2]:
+        copy(src, root / "widget" / "test" / "broken_large" / src.name)
+        mask = bottle / "ground_truth" / "broken_large" / f"{src.stem}_mask.png"
+        copy(mask, root / "widget" / "ground_truth" / "broken_large" / mask.name, "L")
+    return root
