@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from anomaly_models.base import AnomalyModel, register_model
 from anomaly_models.errors import ConfigError
 from anomaly_models.scoring import ScoreReduction, image_scores, residual_map
-from anomaly_models.training import resolve_device, run_epochs, seed_everything
+from anomaly_models.training import resolve_device, run_epochs, seed_everything, seeded
 from anomaly_models.transforms import Preprocessing
 
 
@@ -103,9 +103,11 @@ class Autoencoder(AnomalyModel):
 
     def __init__(self, config=None, train=None, preprocessing=None):
         super().__init__(config, train, preprocessing)
-        self.network = ConvAutoencoder(self.preprocessing.channels, self.config)
+        with seeded(self.train_config.seed):
+            self.network = ConvAutoencoder(self.preprocessing.channels, self.config)
 
-    def default_preprocessing(self) -> Preprocessing:
+    @classmethod
+    def default_preprocessing(cls, config: AutoencoderConfig) -> Preprocessing:
         return Preprocessing(image_size=256)
 
     def scorer(self) -> ReconstructionScorer:
@@ -123,9 +125,9 @@ class Autoencoder(AnomalyModel):
         def step(images: torch.Tensor):
             return nn.functional.mse_loss(self.network(images), images), {}
 
-        self.history += run_epochs(
+        self.history = run_epochs(
             self.network, optimizer, step, train_loader, val_loader, t.epochs, device,
-            t.mixed_precision, desc=self.name,
+            t.mixed_precision, checkpoint=self.epoch_checkpoint, desc=self.name,
         )
         self.network.cpu().eval()
         return self.history

@@ -14,8 +14,8 @@ with `torch.load(weights_only=True)`, so opening a checkpoint never runs code.
 
 from __future__ import annotations
 
-import os
-import tempfile
+import hashlib
+import json
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
@@ -25,6 +25,8 @@ from torch.utils.data import DataLoader
 
 from anomaly_models.config import Params, TrainConfig, from_dict, to_dict
 from anomaly_models.errors import CheckpointError, ConfigError
+from anomaly_models.files import atomic_torch_save
+from anomaly_models.training import EpochCheckpoint
 from anomaly_models.transforms import Preprocessing
 
 CHECKPOINT_FORMAT = 1
@@ -45,13 +47,24 @@ class AnomalyModel(ABC):
     ):
         self.config = config if config is not None else self.config_class()
         self.train_config = train or TrainConfig()
-        self.preprocessing = preprocessing or self.default_preprocessing()
+        self.preprocessing = preprocessing or self.default_preprocessing(self.config)
         self.threshold: dict[str, Any] | None = None  # {"rule": ..., "value": ...} once decided
         self.history: list[dict[str, float]] = []
         self.metadata: dict[str, Any] = {}  # provenance, e.g. the data config it was trained on
+        # Set by the caller to save training state each epoch and resume an interrupted fit.
+        self.epoch_checkpoint: EpochCheckpoint | None = None
 
-    def default_preprocessing(self) -> Preprocessing:
-        """The transform this method expects when the user gives none."""
+    def fingerprint(self) -> str:
+        """Hash of everything that defines a training run; a resumed run must match it."""
+        identity = {
+            "method": self.name, "config": to_dict(self.config), "train": to_dict(self.train_config),
+            "preprocessing": self.preprocessing.to_dict(), "data": self.metadata.get("data"),
+        }
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+    @classmethod
+    def default_preprocessing(cls, config: Any) -> Preprocessing:
+        """The transform this method expects when the user gives none (may depend on its config)."""
         return Preprocessing()
 
     @abstractmethod
@@ -129,14 +142,12 @@ def build_model(
     if name not in MODELS:
         raise ConfigError(f"unknown method {name!r} (available: {', '.join(available_models())})")
     cls = MODELS[name]
-    model = cls(
-        from_dict(cls.config_class, config, f"model.{name}"),
-        from_dict(TrainConfig, train, "train"),
-    )
+    method_config = from_dict(cls.config_class, config, f"model.{name}")
+    chosen = None
     if preprocessing:
-        merged = {**model.preprocessing.to_dict(), **preprocessing}
-        model.preprocessing = Preprocessing.from_dict(merged)
-    return model
+        defaults = cls.default_preprocessing(method_config).to_dict()
+        chosen = Preprocessing.from_dict({**defaults, **preprocessing})
+    return cls(method_config, from_dict(TrainConfig, train, "train"), chosen)
 
 
 def load_model(path: str | Path) -> AnomalyModel:
@@ -156,21 +167,6 @@ def load_model(path: str | Path) -> AnomalyModel:
             f"{path} holds method {method!r}, which is not available ({', '.join(available_models())})"
         )
     return MODELS[method].from_checkpoint(checkpoint)
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> Path:
-    """torch.save to a temp file beside `path`, then rename, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save(obj, file)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def model_from_params(params: Params) -> AnomalyModel:

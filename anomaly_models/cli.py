@@ -20,6 +20,7 @@ import yaml
 
 from anomaly_models.config import ModelConfig, Params, deep_merge, load_params, params_from_dict, to_dict
 from anomaly_models.errors import AnomalyError, ConfigError
+from anomaly_models.files import atomic_write_text
 
 EXIT_BAD_INPUT = 2
 
@@ -43,10 +44,13 @@ def train(args: argparse.Namespace) -> int:
 
     from anomaly_models.base import model_from_params
     from anomaly_models.data import build_dataset
-    from anomaly_models.training import TrainingDiverged, seed_everything
+    from anomaly_models.training import EpochCheckpoint, TrainingDiverged, seed_everything
 
     params = _params(args)
     model = model_from_params(params)
+    progress = EpochCheckpoint(f"{args.out}.partial", model.fingerprint())
+    if args.resume:
+        model.epoch_checkpoint = progress
     train_set = build_dataset(params.data, "train", model.preprocessing)
     val_set = build_dataset(params.data, "val", model.preprocessing)
     t = model.train_config
@@ -64,6 +68,7 @@ def train(args: argparse.Namespace) -> int:
         raise AnomalyError(f"training stopped: {error}") from None
     seconds = time.perf_counter() - started
     model.save(args.out)
+    progress.remove()
     last = history[-1] if history else {}
     summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k != "epoch")
     print(f"trained in {seconds:.1f} s ({summary}); saved {args.out}")
@@ -90,9 +95,24 @@ def evaluate(args: argparse.Namespace) -> int:
         num_test_images=len(test_set), images_per_second=len(test_set) / seconds,
     )
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n")
+        atomic_write_text(args.out, json.dumps(metrics, indent=2) + "\n")
+    if args.plots:
+        from anomaly_models.plots import plot_overlays, write_curves
+
+        write_curves(predictions, args.plots)
+        plot_overlays(predictions, test_set, Path(args.plots) / "overlays.png")
     print(_table(metrics))
+    return 0
+
+
+def prepare(args: argparse.Namespace) -> int:
+    from anomaly_models.data.prepare import write_manifest
+
+    params = _params(args)
+    manifest = write_manifest(params.data, args.out)
+    counts = ", ".join(f"{split} {len(files)}" for split, files in manifest["splits"].items())
+    print(f"{counts} images checked; {len(manifest['skipped'])} skipped; data hash "
+          f"{manifest['data_hash'][:12]}; wrote {args.out}")
     return 0
 
 
@@ -190,6 +210,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--image-size", type=int)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--no-resume", dest="resume", action="store_false",
+                   help="start from scratch even if OUT.partial holds an interrupted run's last epoch")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a method hyper-parameter, e.g. --set latent_channels=32 (repeatable)")
     _add_data_flags(p)
@@ -198,10 +220,16 @@ def _parser() -> argparse.ArgumentParser:
     p = commands.add_parser("evaluate", help="score the test split and write metrics.json")
     p.add_argument("--model", required=True, help="checkpoint written by `anomaly train`")
     p.add_argument("--out", help="metrics JSON file to write")
+    p.add_argument("--plots", help="folder for roc.csv, pr.csv, curves.png and overlays.png")
     p.add_argument("--batch-size", type=int, dest="eval_batch_size")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     _add_data_flags(p)
     p.set_defaults(handler=evaluate)
+
+    p = commands.add_parser("prepare", help="check every image and write a manifest with file hashes")
+    p.add_argument("--out", required=True, help="manifest JSON to write")
+    _add_data_flags(p)
+    p.set_defaults(handler=prepare)
 
     p = commands.add_parser("download", help="fetch a dataset from its official source (checksummed)")
     p.add_argument("dataset", choices=["mvtec", "cifar10"])

@@ -12,8 +12,9 @@ import logging
 import math
 import random
 import time
-from contextlib import nullcontext
-from typing import Callable
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -21,10 +22,45 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from anomaly_models.errors import ConfigError
+from anomaly_models.files import atomic_torch_save
 
 log = logging.getLogger(__name__)
 
 StepFn = Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
+
+
+class EpochCheckpoint:
+    """Training state written after every epoch, so a killed run resumes where it stopped.
+
+    The file carries a fingerprint of everything that defines the run (method config, training
+    config, preprocessing, data); a file with another fingerprint is ignored, never resumed from.
+    """
+
+    def __init__(self, path: str | Path, fingerprint: str):
+        self.path = Path(path)
+        self.fingerprint = fingerprint
+
+    def restore(self, modules: dict[str, Any]) -> tuple[int, list[dict]]:
+        """Load saved states into `modules` (name -> object with load_state_dict); (next epoch, history)."""
+        if not self.path.is_file():
+            return 0, []
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        if state.get("fingerprint") != self.fingerprint:
+            log.info("ignoring %s: it belongs to a run with other settings", self.path)
+            return 0, []
+        for name, module in modules.items():
+            if module is not None:
+                module.load_state_dict(state["modules"][name])
+        log.info("resuming from %s after epoch %d", self.path, state["epoch"])
+        return state["epoch"], list(state["history"])
+
+    def save(self, epoch: int, modules: dict[str, Any], history: list[dict]) -> None:
+        states = {name: m.state_dict() for name, m in modules.items() if m is not None}
+        payload = {"fingerprint": self.fingerprint, "epoch": epoch, "history": history, "modules": states}
+        atomic_torch_save(payload, self.path)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
 
 
 class TrainingDiverged(RuntimeError):
@@ -50,6 +86,15 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+@contextmanager
+def seeded(seed: int):
+    """Run a block (e.g. building a network) under `seed` without touching the global RNG state,
+    so the same config always gives the same initial weights."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 def autocast(device: torch.device, enabled: bool):
     """float16 autocast on CUDA when enabled; a no-op on CPU."""
     if enabled and device.type == "cuda":
@@ -68,13 +113,19 @@ def run_epochs(
     mixed_precision: bool = False,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     on_epoch_end: Callable[[int, dict], None] | None = None,
-    start_epoch: int = 0,
+    checkpoint: EpochCheckpoint | None = None,
     desc: str = "train",
 ) -> list[dict[str, float]]:
-    """Train `module` for epochs [start_epoch, epochs); `step` maps an image batch to a loss."""
+    """Train `module` for `epochs` epochs; `step` maps an image batch to (loss, extra stats).
+
+    With a `checkpoint`, the state after each epoch is saved and an interrupted run resumes
+    from it; the returned history then covers all epochs, the resumed ones included.
+    """
     use_amp = mixed_precision and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    history = []
+    tracked = {"module": module, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
+    # Restored tensors land on the devices of the existing parameters (torch's load_state_dict).
+    start_epoch, history = checkpoint.restore(tracked) if checkpoint else (0, [])
     for epoch in range(start_epoch, epochs):
         started = time.perf_counter()
         module.train()
@@ -109,9 +160,12 @@ def run_epochs(
             "%s epoch %d/%d: %s", desc, epoch + 1, epochs,
             ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "epoch"),
         )
+        if checkpoint is not None:
+            checkpoint.save(epoch + 1, tracked, history)
         if on_epoch_end is not None:
             on_epoch_end(epoch, record)
     return history
+
 
 
 @torch.no_grad()
@@ -124,4 +178,4 @@ def evaluate_loss(module: torch.nn.Module, step: StepFn, loader: DataLoader, dev
         loss, _ = step(images)
         total += loss.item() * images.shape[0]
         count += images.shape[0]
-    return total / max(count, 1) if count else math.nan
+    return total / count if count else math.nan

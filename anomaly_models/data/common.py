@@ -140,19 +140,22 @@ class RecordDataset(Dataset):
         binary = (np.asarray(mask) >= MASK_THRESHOLD).astype(np.uint8)
         return Image.fromarray(binary)
 
-    def _readable(self, records: list[ImageRecord]) -> list[ImageRecord]:
-        kept = []
-        for record in records:
+    def unreadable(self, records: list[ImageRecord] | None = None) -> dict[str, str]:
+        """Decode every image and mask once; {path: reason} for those that fail."""
+        failures = {}
+        for record in self.records if records is None else records:
             try:
-                image = self._image(record)
-                self._mask(record, image.size)
+                self._mask(record, self._image(record).size)
             except DataError as error:
-                warnings.warn(f"skipping {record.path}: {error}", stacklevel=3)
-                self.skipped.append(record.path)
-                continue
-            kept.append(record)
-        return kept
+                failures[record.path] = str(error)
+        return failures
 
+    def _readable(self, records: list[ImageRecord]) -> list[ImageRecord]:
+        failures = self.unreadable(records)
+        for path, reason in failures.items():
+            warnings.warn(f"skipping {path}: {reason}", stacklevel=3)
+        self.skipped = list(failures)
+        return [r for r in records if r.path not in failures]
 
 def check_folder(path: Path, what: str, hint: str | Callable[[], str] = "") -> Path:
     """Raise a DataError naming `path` when the folder is missing."""

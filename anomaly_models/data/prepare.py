@@ -1,0 +1,76 @@
+"""The `prepare` step: check every image of a dataset once and write a manifest with per-file hashes.
+
+The manifest pins exactly which files each split holds (train/val carved from normal images, test
+fixed) and their SHA-256, so a run can say which data it saw (`data_hash`) and DVC / Prefect can
+tell when the data changed. Unreadable files are listed (or stop the step, per `on_bad_image`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from anomaly_models.config import DataConfig, to_dict
+from anomaly_models.data import build_dataset
+from anomaly_models.errors import DataError
+from anomaly_models.files import atomic_write_text
+from anomaly_models.transforms import Preprocessing
+
+SPLITS = ("train", "val", "test")
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def build_manifest(config: DataConfig) -> dict[str, Any]:
+    """Decode every image (and mask) of every split; return the manifest as a dict."""
+    manifest: dict[str, Any] = {"data": to_dict(config), "splits": {}, "skipped": {}}
+    strict = dataclasses.replace(config, on_bad_image="error", cache_images=False)  # list every file
+    for split in SPLITS:
+        dataset = build_dataset(strict, split, Preprocessing(image_size=8))
+        failures = dataset.unreadable()
+        if failures and config.on_bad_image == "error":
+            first = next(iter(failures.values()))
+            raise DataError(f"{len(failures)} unreadable file(s) in the {split} split, e.g. {first}")
+        manifest["skipped"].update(failures)
+        kept = [r for r in dataset.records if r.path not in failures]
+        manifest["splits"][split] = [
+            _entry(r) for r in tqdm(kept, desc=f"hash {split}", leave=False, disable=None)
+        ]
+    manifest["data_hash"] = manifest_hash(manifest)
+    return manifest
+
+
+def manifest_hash(manifest: dict[str, Any]) -> str:
+    """One hash over every split's files and contents: the data version a model was trained on."""
+    lines = [
+        f"{split}\t{entry['path']}\t{entry['sha256']}\t{entry.get('mask_sha256') or ''}\t{entry['label']}"
+        for split in SPLITS for entry in manifest["splits"][split]
+    ]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def write_manifest(config: DataConfig, path: str | Path) -> dict[str, Any]:
+    manifest = build_manifest(config)
+    atomic_write_text(path, json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def _entry(record) -> dict[str, Any]:
+    source = record.path.split("#")[0]  # archive-backed images: hash the archive file
+    entry = {"path": record.path, "sha256": file_sha256(source), "label": record.label,
+             "defect_type": record.defect_type}
+    if record.mask_path:
+        entry["mask_sha256"] = file_sha256(record.mask_path)
+    return entry
+
