@@ -12,7 +12,6 @@ import argparse
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,11 @@ EXIT_BAD_INPUT = 2
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    library_log = logging.getLogger("anomaly_models")
+    library_log.addHandler(handler)
+    library_log.setLevel(logging.INFO)
     try:
         return args.handler(args)
     except AnomalyError as error:
@@ -40,69 +43,55 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train(args: argparse.Namespace) -> int:
-    from torch.utils.data import DataLoader
+    from anomaly_models.runs import train_model
 
-    from anomaly_models.base import model_from_params
-    from anomaly_models.data import build_dataset
-    from anomaly_models.training import EpochCheckpoint, TrainingDiverged, seed_everything
-
-    params = _params(args)
-    model = model_from_params(params)
-    progress = EpochCheckpoint(f"{args.out}.partial", model.fingerprint())
-    if args.resume:
-        model.epoch_checkpoint = progress
-    train_set = build_dataset(params.data, "train", model.preprocessing)
-    val_set = build_dataset(params.data, "val", model.preprocessing)
-    t = model.train_config
-    generator = seed_everything(t.seed)
-    train_loader = DataLoader(
-        train_set, batch_size=t.batch_size, shuffle=True, generator=generator,
-        num_workers=t.num_workers, drop_last=len(train_set) > t.batch_size,
-    )
-    val_loader = DataLoader(val_set, batch_size=t.batch_size, num_workers=t.num_workers)
-    print(f"training {model.name} on {len(train_set)} normal images ({len(val_set)} held out)")
-    started = time.perf_counter()
-    try:
-        history = model.fit(train_loader, val_loader)
-    except TrainingDiverged as error:
-        raise AnomalyError(f"training stopped: {error}") from None
-    seconds = time.perf_counter() - started
-    model.save(args.out)
-    progress.remove()
-    last = history[-1] if history else {}
+    result = train_model(_params(args), args.out, resume=args.resume, data_hash=_data_hash(args.manifest))
+    if result.skipped:
+        print(f"{args.out} is up to date (same settings and data); not retrained")
+        return 0
+    last = result.model.history[-1] if result.model.history else {}
     summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k != "epoch")
-    print(f"trained in {seconds:.1f} s ({summary}); saved {args.out}")
+    print(f"trained in {result.seconds:.1f} s ({summary}); saved {args.out}")
     return 0
 
 
 def evaluate(args: argparse.Namespace) -> int:
     from anomaly_models import load_model
-    from anomaly_models.data import build_dataset
-    from anomaly_models.evaluation import evaluate as compute, predict_dataset
+    from anomaly_models.runs import evaluate_model
 
     model = load_model(args.model)
-    trained_on = {"data": model.metadata.get("data") or {}}
-    params = _params(args, base=trained_on)
-    data = params.data
-    test_set = build_dataset(data, "test", model.preprocessing)
-    started = time.perf_counter()
-    predictions = predict_dataset(model, test_set, params.evaluate.batch_size, args.device or "auto")
-    seconds = time.perf_counter() - started
-    metrics: dict[str, Any] = compute(predictions, params.evaluate.fpr_limit)
-    metrics.update(
-        method=model.name, dataset=data.dataset,
-        subject=data.category if data.dataset == "mvtec" else data.normal_class,
-        num_test_images=len(test_set), images_per_second=len(test_set) / seconds,
-    )
-    if args.out:
-        atomic_write_text(args.out, json.dumps(metrics, indent=2) + "\n")
-    if args.plots:
-        from anomaly_models.plots import plot_overlays, write_curves
-
-        write_curves(predictions, args.plots)
-        plot_overlays(predictions, test_set, Path(args.plots) / "overlays.png")
-    print(_table(metrics))
+    params = _params(args, base={"data": model.metadata.get("data") or {}})
+    result = evaluate_model(model, params, args.out, args.plots, args.device or "auto")
+    print(_table(result.metrics))
     return 0
+
+
+def register(args: argparse.Namespace) -> int:
+    from tasks.registry import register_trained
+
+    files = sorted(Path(args.plots).glob("*")) if args.plots else []
+    decision = register_trained(_params(args), Path(args.model), Path(args.metrics), files)
+    if args.out:
+        atomic_write_text(args.out, json.dumps(decision, indent=2) + "\n")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from flows.pipeline import pipeline
+
+    result = pipeline(args.params, args.profile)
+    print(_table({**result["metrics"], "promoted": str(result["decision"]["promoted"])}))
+    return 0
+
+
+def _data_hash(manifest: str | None) -> str | None:
+    """The data version recorded by `anomaly prepare`, when its manifest is given."""
+    if not manifest:
+        return None
+    try:
+        return json.loads(Path(manifest).read_text())["data_hash"]
+    except (OSError, ValueError, KeyError) as error:
+        raise AnomalyError(f"cannot read manifest {manifest}: {error}") from None
 
 
 def prepare(args: argparse.Namespace) -> int:
@@ -118,10 +107,18 @@ def prepare(args: argparse.Namespace) -> int:
 
 def download(args: argparse.Namespace) -> int:
     from anomaly_models.data import default_data_root
-    from anomaly_models.data.download import download_dataset
+    from anomaly_models.data.download import copy_dataset, download_dataset
 
     root = Path(args.data_root) if args.data_root else default_data_root(args.dataset)
-    folder = download_dataset(args.dataset, root, category=args.category)
+    sub = args.category if args.dataset == "mvtec" and args.category else None
+    mirror = args.mirror
+    if mirror == "auto":
+        candidate = default_data_root(args.dataset)
+        mirror = candidate if candidate.resolve() != root.resolve() and candidate.is_dir() else None
+    if mirror:
+        folder = copy_dataset(Path(mirror) / sub if sub else Path(mirror), root / sub if sub else root)
+    else:
+        folder = download_dataset(args.dataset, root, category=sub)
     print(f"{args.dataset} ready in {folder}")
     return 0
 
@@ -210,6 +207,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--image-size", type=int)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--manifest", help="data manifest from `anomaly prepare` (records the data hash)")
     p.add_argument("--no-resume", dest="resume", action="store_false",
                    help="start from scratch even if OUT.partial holds an interrupted run's last epoch")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -231,10 +229,25 @@ def _parser() -> argparse.ArgumentParser:
     _add_data_flags(p)
     p.set_defaults(handler=prepare)
 
+    p = commands.add_parser("register", help="log a trained model to MLflow and gate it into the registry")
+    p.add_argument("--model", required=True, help="checkpoint written by `anomaly train`")
+    p.add_argument("--metrics", required=True, help="metrics JSON written by `anomaly evaluate`")
+    p.add_argument("--plots", help="folder of evaluation plots to attach")
+    p.add_argument("--out", help="JSON file for the gate decision")
+    _add_data_flags(p)
+    p.set_defaults(handler=register)
+
+    p = commands.add_parser("run", help="run the whole pipeline as a Prefect flow")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--profile")
+    p.set_defaults(handler=run)
+
     p = commands.add_parser("download", help="fetch a dataset from its official source (checksummed)")
     p.add_argument("dataset", choices=["mvtec", "cifar10"])
     p.add_argument("--category", help="mvtec: one category (default: the whole dataset)")
     p.add_argument("--data-root", help="folder to download into (default: the dataset's data root)")
+    p.add_argument("--mirror", help="copy from this local folder of the same layout instead of the "
+                   "internet; 'auto': the default data root ($ANOMALY_DATA_DIR or ../shared/data) if present")
     p.set_defaults(handler=download)
     return parser
 

@@ -136,6 +136,17 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class RegisterConfig:
+    """Model registry: where runs go and when a new model replaces the champion."""
+
+    experiment: str = "anomaly-detection"
+    model_name: str | None = None  # None: "<method>-<dataset>-<category or normal class>"
+    # Gate: the challenger becomes champion only if strictly better on this metric, on the same
+    # test set (ties keep the champion); the first model registered becomes champion.
+    gate_metric: Literal["image_auroc", "pixel_auroc", "aupro", "f1_max", "pixel_f1_max"] = "image_auroc"
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Which method to train; `options` holds each method's own section, validated by the method."""
 
@@ -155,6 +166,11 @@ class Params:
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    register: RegisterConfig = RegisterConfig()
+
+    def registered_name(self) -> str:
+        subject = self.data.category if self.data.dataset == "mvtec" else self.data.normal_class
+        return self.register.model_name or f"{self.model.method}-{self.data.dataset}-{subject}"
 
 
 PROFILE_ENV = "ANOMALY_PROFILE"

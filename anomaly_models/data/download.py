@@ -362,3 +362,42 @@ def download_dataset(
         raise DataError(f"{archive} did not contain the expected folders: {', '.join(missing)}")
     archive.unlink()
     return result
+
+
+def ensure_dataset(config) -> Path:
+    """The folder `config` (a DataConfig) reads, downloaded first if it is not there yet."""
+    from anomaly_models.data import default_data_root
+
+    root = Path(config.root) if config.root else default_data_root(config.dataset)
+    if config.dataset == "mvtec":
+        if (root / config.category).is_dir():
+            return root / config.category
+        return download_dataset("mvtec", root, category=config.category)
+    if config.dataset == "cifar10":
+        if (root / "train").is_dir() or (root / "cifar-10-batches-py").is_dir():
+            return root
+        return download_dataset("cifar10", root)
+    if not (root / "train").is_dir():
+        raise DataError(f"no class folders in {root} and no official source to download them from")
+    return root
+
+
+def copy_dataset(source: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Copy a dataset folder from a local mirror (a shared drive, ../shared/data) atomically.
+
+    For teams and offline machines: the same layout as the official archive, no network.
+    """
+    source, target = Path(source), Path(target)
+    if target.is_dir():
+        logger.info("%s already present, skipping copy", target)
+        return target
+    if not source.is_dir():
+        raise DataError(f"mirror folder not found: {source}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        shutil.copytree(source, temp / "copy")
+        os.replace(temp / "copy", target)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    return target

@@ -1,0 +1,117 @@
+"""Train and evaluate one model from `Params`: the steps the CLI, DVC stages and Prefect tasks share.
+
+Kept here (not in the CLI) so that every entry point runs exactly the same code.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import DataLoader
+
+from anomaly_models.base import AnomalyModel, load_model, model_from_params
+from anomaly_models.config import Params
+from anomaly_models.data import RecordDataset, build_dataset
+from anomaly_models.errors import AnomalyError
+from anomaly_models.evaluation import Predictions, evaluate, predict_dataset
+from anomaly_models.files import atomic_write_text
+from anomaly_models.training import EpochCheckpoint, TrainingDiverged, seed_everything
+
+
+@dataclass
+class TrainResult:
+    model: AnomalyModel
+    path: Path
+    seconds: float
+    skipped: bool  # True when an identical finished model was already at `path`
+
+
+@dataclass
+class EvaluationResult:
+    metrics: dict[str, Any]
+    predictions: Predictions
+    test_set: RecordDataset
+    plots: dict[str, Path] = field(default_factory=dict)
+
+
+def train_model(
+    params: Params, out: str | Path, resume: bool = True, data_hash: str | None = None
+) -> TrainResult:
+    """Train the model `params` describes and save it to `out`.
+
+    Each epoch's state goes to `<out>.partial`, so a killed run resumes; a finished model at
+    `out` with the same settings and data hash is reused instead of retrained.
+    """
+    out = Path(out)
+    model = model_from_params(params)
+    if data_hash:
+        model.metadata["data_hash"] = data_hash
+    if resume and _same_finished_model(out, model):
+        return TrainResult(load_model(out), out, 0.0, skipped=True)
+    progress = EpochCheckpoint(f"{out}.partial", model.fingerprint())
+    if resume:
+        model.epoch_checkpoint = progress
+    train_set = build_dataset(params.data, "train", model.preprocessing)
+    val_set = build_dataset(params.data, "val", model.preprocessing)
+    t = model.train_config
+    train_loader = DataLoader(
+        train_set, batch_size=t.batch_size, shuffle=True, generator=seed_everything(t.seed),
+        num_workers=t.num_workers, drop_last=len(train_set) > t.batch_size,
+    )
+    val_loader = DataLoader(val_set, batch_size=t.batch_size, num_workers=t.num_workers)
+    print(f"training {model.name} on {len(train_set)} normal images ({len(val_set)} held out)")
+    started = time.perf_counter()
+    try:
+        model.fit(train_loader, val_loader)
+    except TrainingDiverged as error:
+        raise AnomalyError(f"training stopped: {error}") from None
+    seconds = time.perf_counter() - started
+    model.metadata["train_seconds"] = seconds
+    model.save(out)
+    progress.remove()
+    return TrainResult(model, out, seconds, skipped=False)
+
+
+def evaluate_model(
+    model: AnomalyModel, params: Params, out: str | Path | None = None,
+    plots: str | Path | None = None, device: str = "auto",
+) -> EvaluationResult:
+    """Score the fixed test split; write metrics JSON and plots when asked."""
+    data = params.data
+    test_set = build_dataset(data, "test", model.preprocessing)
+    started = time.perf_counter()
+    predictions = predict_dataset(model, test_set, params.evaluate.batch_size, device)
+    seconds = time.perf_counter() - started
+    metrics: dict[str, Any] = evaluate(predictions, params.evaluate.fpr_limit)
+    metrics.update(
+        method=model.name, dataset=data.dataset,
+        subject=data.category if data.dataset == "mvtec" else data.normal_class,
+        num_test_images=len(test_set), images_per_second=len(test_set) / seconds,
+    )
+    if out:
+        atomic_write_text(out, json.dumps(metrics, indent=2) + "\n")
+    written: dict[str, Path] = {}
+    if plots:
+        from anomaly_models.plots import plot_overlays, write_curves
+
+        written = write_curves(predictions, plots)
+        overlays = plot_overlays(predictions, test_set, Path(plots) / "overlays.png")
+        if overlays:
+            written["overlays"] = overlays
+    return EvaluationResult(metrics, predictions, test_set, written)
+
+
+def _same_finished_model(path: Path, model: AnomalyModel) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        existing = load_model(path)
+    except AnomalyError:
+        return False
+    return existing.fingerprint() == model.fingerprint() and (
+        existing.metadata.get("data_hash") == model.metadata.get("data_hash")
+    )

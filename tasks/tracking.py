@@ -1,0 +1,93 @@
+"""MLflow setup shared by the tasks: where runs are stored, and what every run is tagged with.
+
+Default store: `mlruns/mlflow.db` (sqlite: runs and the model registry) with artifacts under
+`mlruns/artifacts`, relative to the working directory. `MLFLOW_TRACKING_URI` points elsewhere
+(a server, another database) and wins.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+DEFAULT_STORE = Path("mlruns")
+
+
+def configure(experiment: str) -> str:
+    """Point MLflow at the configured store and make sure `experiment` exists; return its id."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        DEFAULT_STORE.mkdir(exist_ok=True)
+        uri = f"sqlite:///{(DEFAULT_STORE / 'mlflow.db').resolve()}"
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    if found is not None:
+        return found.experiment_id
+    artifacts = None
+    if uri.startswith("sqlite:///"):
+        artifacts = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
+    return client.create_experiment(experiment, artifact_location=artifacts)
+
+
+def flatten(prefix: str, value: Any) -> dict[str, Any]:
+    """{"train": {"lr": 1e-3}} -> {"train.lr": 0.001}: MLflow params are flat strings."""
+    if isinstance(value, dict):
+        items: dict[str, Any] = {}
+        for key, inner in value.items():
+            items.update(flatten(f"{prefix}.{key}" if prefix else str(key), inner))
+        return items
+    return {prefix: value}
+
+
+def git_commit() -> str:
+    """The code version a run used ('unknown' outside a git checkout)."""
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def start_run(params, data_hash: str, run_name: str | None = None) -> str:
+    """Open the one MLflow run of a trained model: tags for code and data version, all params."""
+    from anomaly_models.config import to_dict
+
+    experiment_id = configure(params.register.experiment)
+    client = MlflowClient()
+    run = client.create_run(
+        experiment_id,
+        run_name=run_name or params.registered_name(),
+        tags={"git_commit": git_commit(), "data_hash": data_hash, "method": params.model.method},
+    )
+    for key, value in flatten("", to_dict(params)).items():
+        client.log_param(run.info.run_id, key, "null" if value is None else value)
+    return run.info.run_id
+
+
+def log_history(run_id: str, history: list[dict], train_seconds: float | None) -> None:
+    """Per-epoch losses and statistics as stepped metrics."""
+    client = MlflowClient()
+    for record in history:
+        for key, value in record.items():
+            if key != "epoch":
+                client.log_metric(run_id, key, float(value), step=int(record["epoch"]))
+    if train_seconds is not None:
+        client.log_metric(run_id, "train_seconds", float(train_seconds))
+
+
+def log_evaluation(run_id: str, metrics: dict, files: list[Path]) -> None:
+    """Final metrics plus the metrics JSON, curves and overlays as artifacts."""
+    client = MlflowClient()
+    for key, value in metrics.items():
+        if isinstance(value, float):
+            client.log_metric(run_id, key, value)
+    for path in files:
+        client.log_artifact(run_id, str(path), "evaluation")
