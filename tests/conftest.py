@@ -2,6 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
+# Real Prefect, in-process and quiet, with a throw-away home; must be set before prefect is imported.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="prefect-home-"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.pop("ANOMALY_PROFILE", None)
+
 from pathlib import Path
 
 import pytest
@@ -43,3 +57,12 @@ def tiny_mvtec(tmp_path: Path, mvtec_root: Path) -> Path:
         mask = bottle / "ground_truth" / "broken_large" / f"{src.stem}_mask.png"
         copy(mask, root / "widget" / "ground_truth" / "broken_large" / mask.name, "L")
     return root
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch) -> str:
+    """A real MLflow store (sqlite + artifacts) in a temp folder, for one test."""
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    (tmp_path / "mlruns").mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri

@@ -1,0 +1,186 @@
+"""The pipeline end to end with real Prefect (in-process), a real MLflow store and real DVC."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from anomaly_models import load_model
+from anomaly_models.ae import Autoencoder
+from anomaly_models.base import register_model
+from anomaly_models.config import deep_merge, load_params
+from anomaly_models.runs import evaluate_model
+from flows.pipeline import pipeline
+from tasks.registry import register_model_version
+from tasks.tracking import start_run
+
+REPO = Path(__file__).resolve().parents[1]
+NAME = "ae-mvtec-bottle"
+
+
+def write_params(folder: Path, mvtec_root: Path, **overrides) -> Path:
+    """The repository's params.yaml with the test profile applied, on the bundled bottle at 32 px."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw = deep_merge({k: v for k, v in raw.items() if k != "profiles"}, raw["profiles"]["test"])
+    raw = deep_merge(raw, {"data": {"root": str(mvtec_root)}, "model": {"image_size": 32, "ae": {"base_channels": 8}}})
+    raw = deep_merge(raw, overrides)
+    raw["profiles"] = {}
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_flow_trains_tracks_registers_and_serves_the_same_scores(tmp_path, mvtec_root, mlflow_store):
+    params_file = write_params(tmp_path, mvtec_root)
+    result = pipeline(str(params_file), None, str(tmp_path))
+
+    client = MlflowClient()
+    run = client.get_run(result["run_id"])
+    manifest_hash = result["data_hash"]
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["data_hash"] == manifest_hash and len(run.data.tags["git_commit"]) == 40
+    assert run.data.params["train.epochs"] == "2" and run.data.params["model.image_size"] == "32"
+    assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 2
+    assert run.data.metrics["image_auroc"] == pytest.approx(result["metrics"]["image_auroc"])
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+    assert {"evaluation/metrics.json", "evaluation/roc.csv", "evaluation/overlays.png"} <= artifacts
+
+    assert result["decision"]["promoted"] and result["decision"]["version"] == 1
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == "1"
+    assert str(client.get_model_version_by_alias(NAME, "challenger").version) == "1"
+
+    # The registered pyfunc scores base64 images exactly as the library does.
+    served = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    model = load_model(tmp_path / "models" / "model.pt")
+    test_dir = mvtec_root / "bottle" / "test" / "broken_large"
+    paths = sorted(test_dir.glob("*.png"))[:3]
+    frame = pd.DataFrame({"image": [base64.b64encode(p.read_bytes()).decode() for p in paths]})
+    expected, _ = model.predict(torch.stack([model.preprocessing(Image.open(p))[0] for p in paths]))
+    np.testing.assert_allclose(served.predict(frame)["score"].to_numpy(), expected.numpy(), atol=1e-5)
+
+    # Re-running with nothing changed: training is skipped, a tie keeps the champion.
+    again = pipeline(str(params_file), None, str(tmp_path))
+    assert client.get_run(again["run_id"]).data.tags["train_skipped"] == "true"
+    assert again["decision"] == {**again["decision"], "version": 2, "promoted": False}
+    assert again["decision"]["champion"] == pytest.approx(again["decision"]["challenger"])
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == "1"
+    assert str(client.get_model_version_by_alias(NAME, "challenger").version) == "2"
+
+
+@register_model
+class InvertedAutoencoder(Autoencoder):
+    """A deliberately worse model: the autoencoder's scores, negated."""
+
+    name = "ae_inverted_for_test"
+
+    def predict(self, images):
+        scores, maps = super().predict(images)
+        return -scores, -maps
+
+
+def test_worse_model_is_not_promoted(tmp_path, mvtec_root, mlflow_store):
+    params_file = write_params(tmp_path, mvtec_root)
+    first = pipeline(str(params_file), None, str(tmp_path))
+    assert first["metrics"]["image_auroc"] > 0.5, "the inversion below must be worse"
+
+    params = load_params(params_file)
+    good = load_model(tmp_path / "models" / "model.pt")
+    worse = InvertedAutoencoder(good.config, good.train_config, good.preprocessing)
+    worse.load_state_dict(good.state_dict())
+    worse.metadata = dict(good.metadata)
+    worse_path = worse.save(tmp_path / "worse.pt")
+    metrics = evaluate_model(worse, params).metrics
+    decision = register_model_version(params, worse_path, metrics, start_run(params, "test"))
+
+    assert decision["challenger"] == pytest.approx(1 - first["metrics"]["image_auroc"])
+    assert not decision["promoted"] and decision["champion_version"] == 1
+    client = MlflowClient()
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == "1"
+    assert str(client.get_model_version_by_alias(NAME, "challenger").version) == "2"
+
+
+def test_failing_step_leaves_champion_and_model_untouched(tmp_path, mvtec_root, mlflow_store, tiny_mvtec):
+    params_file = write_params(tmp_path, mvtec_root)
+    pipeline(str(params_file), None, str(tmp_path))
+    model_bytes = (tmp_path / "models" / "model.pt").read_bytes()
+
+    broken = sorted((tiny_mvtec / "widget" / "test" / "good").iterdir())[0]
+    broken.write_bytes(b"not an image")
+    bad_params = write_params(tmp_path, tiny_mvtec, data={"category": "widget"}, register={"model_name": NAME})
+    with pytest.raises(Exception, match="unreadable file"):
+        pipeline(str(bad_params), None, str(tmp_path))
+    assert (tmp_path / "models" / "model.pt").read_bytes() == model_bytes
+    assert str(MlflowClient().get_model_version_by_alias(NAME, "champion").version) == "1"
+    assert len(MlflowClient().search_model_versions(f"name='{NAME}'")) == 1
+
+
+def test_killed_training_resumes_from_its_last_epoch(tmp_path, mvtec_root):
+    params_file = write_params(tmp_path, mvtec_root, train={"epochs": 6})
+    out = tmp_path / "model.pt"
+    command = [sys.executable, "-m", "anomaly_models.cli", "train", "--params", str(params_file), "--out", str(out)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = Path(f"{out}.partial")
+    deadline = time.time() + 120
+    while not partial.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    process.kill()
+    process.wait()
+    assert partial.exists() and not out.exists()
+    done = torch.load(partial, weights_only=True)["epoch"]
+    assert 1 <= done < 6
+
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    assert f"resuming from {partial} after epoch {done}" in finished.stderr
+    assert [h["epoch"] for h in load_model(out).history] == [1, 2, 3, 4, 5, 6]
+    assert not partial.exists()
+
+
+def test_dvc_repro_runs_the_chain_then_is_a_no_op(tmp_path, mvtec_root):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for item in ("anomaly_models", "tasks", "flows", "dvc.yaml", ".dvcignore"):
+        source = REPO / item
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, repo / item)
+    write_params(repo, mvtec_root, data={"root": None})
+    env = {**os.environ, "ANOMALY_DATA_DIR": str(mvtec_root.parent),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlruns.db'}"}
+
+    def run(*args):
+        result = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout
+
+    run("git", "init", "-q")
+    run("dvc", "init", "-q")
+    first = run("dvc", "repro")
+    for stage in ("download", "prepare", "train", "evaluate", "register"):
+        assert f"Running stage '{stage}'" in first
+    assert (repo / "data" / "mvtec" / "bottle" / "train" / "good").is_dir()
+    assert (repo / "metrics" / "metrics.json").is_file() and (repo / "plots" / "roc.csv").is_file()
+
+    started = time.perf_counter()
+    second = run("dvc", "repro")
+    assert "Running stage" not in second and time.perf_counter() - started < 30
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"]["lr"] = 0.002
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    status = run("dvc", "status")
+    assert "train:" in status and "prepare:" not in status and "download:" not in status
