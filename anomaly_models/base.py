@@ -59,6 +59,7 @@ class AnomalyModel(ABC):
         identity = {
             "method": self.name, "config": to_dict(self.config), "train": to_dict(self.train_config),
             "preprocessing": self.preprocessing.to_dict(), "data": self.metadata.get("data"),
+            "data_hash": self.metadata.get("data_hash"),
         }
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 

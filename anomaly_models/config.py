@@ -147,6 +147,15 @@ class RegisterConfig:
 
 
 @dataclass(frozen=True)
+class RetrainConfig:
+    """Where new normal images arrive, and the schedules of the deployed flows."""
+
+    inbox: str = "data/inbox"  # drop new normal images here; the retrain flow picks them up
+    pipeline_cron: str = "0 3 * * 1"  # full pipeline: Mondays 03:00
+    retrain_interval_minutes: int = 60  # how often the retrain flow looks into the inbox
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Which method to train; `options` holds each method's own section, validated by the method."""
 
@@ -167,6 +176,7 @@ class Params:
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     register: RegisterConfig = RegisterConfig()
+    retrain: RetrainConfig = RetrainConfig()
 
     def registered_name(self) -> str:
         subject = self.data.category if self.data.dataset == "mvtec" else self.data.normal_class

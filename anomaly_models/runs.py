@@ -112,6 +112,4 @@ def _same_finished_model(path: Path, model: AnomalyModel) -> bool:
         existing = load_model(path)
     except AnomalyError:
         return False
-    return existing.fingerprint() == model.fingerprint() and (
-        existing.metadata.get("data_hash") == model.metadata.get("data_hash")
-    )
+    return existing.fingerprint() == model.fingerprint()

@@ -7,6 +7,7 @@ and an MLflow run id; they never contain model or metric code.
 from __future__ import annotations
 
 import json
+from contextlib import chdir
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from prefect import task
 from anomaly_models.base import MODELS
 from anomaly_models.config import Params
 from anomaly_models.data.download import ensure_dataset
+from anomaly_models.data.inbox import InboxReport, ingest_inbox
 from anomaly_models.data.prepare import write_manifest
 from anomaly_models.runs import evaluate_model, train_model
 from tasks.registry import register_model_version
@@ -69,3 +71,38 @@ def register(params: Params, checkpoint: Path, metrics: dict, run_id: str) -> di
     decision = register_model_version(params, checkpoint, metrics, run_id)
     MlflowClient().log_text(run_id, json.dumps(decision, indent=2), "register_decision.json")
     return decision
+
+
+@task(name="ingest")
+def ingest(params: Params, inbox: Path, known_hashes: set[str]) -> InboxReport:
+    """Validate new normal images and move them into the training folder (rejects kept aside)."""
+    report = ingest_inbox(inbox, params.data, known_hashes)
+    for name, reason in report.rejected.items():
+        print(f"rejected {name}: {reason}")
+    print(f"{len(report.accepted)} new normal image(s) added, {len(report.rejected)} rejected")
+    return report
+
+
+@task(name="version-data")
+def version_data(workdir: Path, data_dir: Path) -> str | None:
+    """Record the changed data folder as a new DVC version (and push it when a remote is set)."""
+    from dvc.repo import Repo
+
+    if not (workdir / ".dvc").is_dir():
+        print(f"{workdir} is not a DVC project: the new data is not versioned")
+        return None
+    target = str(data_dir.relative_to(workdir))
+    with chdir(workdir):  # DVC resolves stage paths against the working directory
+        repo = Repo(".")
+        stages = [s for s in repo.index.stages if any(str(o.def_path) == target for o in s.outs)]
+        if stages:
+            repo.commit(stages[0].addressing, force=True)
+            address = stages[0].addressing
+        else:
+            address = repo.add(target)[0].addressing
+        stage = next(s for s in Repo(".").index.stages if s.addressing == address)
+        digest = next(o.hash_info.value for o in stage.outs if str(o.def_path) == target)
+        if repo.config.get("core", {}).get("remote"):
+            repo.push()
+    print(f"data version {digest} recorded for {target}")
+    return digest

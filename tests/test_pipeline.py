@@ -184,3 +184,43 @@ def test_dvc_repro_runs_the_chain_then_is_a_no_op(tmp_path, mvtec_root):
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     status = run("dvc", "status")
     assert "train:" in status and "prepare:" not in status and "download:" not in status
+
+
+def test_retrain_adds_valid_inbox_images_as_a_new_data_version(tmp_path, mvtec_root, mlflow_store):
+    from flows.retrain import retrain
+
+    work = tmp_path / "work"
+    work.mkdir()
+    for item in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(REPO / item, work / item)
+    subprocess.run(["git", "init", "-q"], cwd=work, check=True)
+    subprocess.run([str(Path(sys.executable).parent / "dvc"), "init", "-q"], cwd=work, check=True)
+    params_file = write_params(work, mvtec_root)
+
+    assert retrain(str(params_file), None, str(work)) == {"status": "empty"}
+
+    inbox = work / "data" / "inbox"
+    inbox.mkdir(parents=True)
+    train_images = sorted((mvtec_root / "bottle" / "train" / "good").glob("*.png"))
+    for i, source in enumerate(train_images[:2]):  # new, valid normal images: mirrored bottles
+        Image.open(source).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(inbox / f"new_{i}.png")
+    shutil.copy(train_images[5], inbox / "duplicate.png")
+    (inbox / "corrupt.png").write_bytes(b"\x89PNG broken")
+    Image.open(train_images[6]).resize((100, 100)).save(inbox / "small.png")
+
+    result = retrain(str(params_file), None, str(work))
+    assert result["status"] == "retrained" and len(result["accepted"]) == 2
+    assert set(result["rejected"]) == {"duplicate.png", "corrupt.png", "small.png"}
+    assert "duplicate" in result["rejected"]["duplicate.png"] and "size 100x100" in result["rejected"]["small.png"]
+    assert sorted(p.name for p in (inbox / "rejected").iterdir()) == [
+        "corrupt.png", "duplicate.png", "reasons.json", "small.png"]
+    assert not list(inbox.glob("*.png"))
+
+    lock = yaml.safe_load((work / "dvc.lock").read_text())
+    assert lock["stages"]["download"]["outs"][0]["path"] == "data/mvtec"
+    manifest = yaml.safe_load((work / "data" / "manifest.json").read_text())
+    assert len(manifest["splits"]["train"]) + len(manifest["splits"]["val"]) == 209 + 2
+    assert len(manifest["splits"]["test"]) == 83  # the same fixed test set
+    assert result["decision"]["version"] == 1 and result["decision"]["promoted"]
+    run = MlflowClient().get_run(result["run_id"])
+    assert run.data.tags["data_hash"] == manifest["data_hash"]
