@@ -84,6 +84,29 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def predict(args: argparse.Namespace) -> int:
+    from anomaly_models.predict import collect_inputs, predict_images
+
+    model = _resolve_model(args.model)
+    report = predict_images(model, collect_inputs(args.input), args.out, args.batch_size, args.device)
+    flagged = sum(1 for row in report.rows if row["label"] == 1)
+    print(f"scored {len(report.rows)} image(s), {flagged} flagged anomalous; wrote {report.csv_path}")
+    for path, reason in report.unreadable.items():
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    return 0
+
+
+def _resolve_model(spec: str):
+    """A checkpoint path, or an MLflow model URI such as models:/<name>@champion."""
+    from anomaly_models import load_model
+
+    if spec.startswith(("models:/", "runs:/")):
+        from tasks.registry import download_checkpoint
+
+        return load_model(download_checkpoint(spec))
+    return load_model(spec)
+
+
 def _data_hash(manifest: str | None) -> str | None:
     """The data version recorded by `anomaly prepare`, when its manifest is given."""
     if not manifest:
@@ -228,6 +251,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="manifest JSON to write")
     _add_data_flags(p)
     p.set_defaults(handler=prepare)
+
+    p = commands.add_parser("predict", help="score images: predictions.csv, overlays and defect masks")
+    p.add_argument("--model", required=True, help="checkpoint path or MLflow URI (models:/NAME@champion)")
+    p.add_argument("--input", required=True, help="an image, a folder or a glob pattern")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.set_defaults(handler=predict)
 
     p = commands.add_parser("register", help="log a trained model to MLflow and gate it into the registry")
     p.add_argument("--model", required=True, help="checkpoint written by `anomaly train`")

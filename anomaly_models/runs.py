@@ -19,6 +19,7 @@ from anomaly_models.data import RecordDataset, build_dataset
 from anomaly_models.errors import AnomalyError
 from anomaly_models.evaluation import Predictions, evaluate, predict_dataset
 from anomaly_models.files import atomic_write_text
+from anomaly_models.thresholds import fit_threshold
 from anomaly_models.training import EpochCheckpoint, TrainingDiverged, seed_everything
 
 
@@ -71,6 +72,10 @@ def train_model(
         raise AnomalyError(f"training stopped: {error}") from None
     seconds = time.perf_counter() - started
     model.metadata["train_seconds"] = seconds
+    if len(val_set):
+        e = params.evaluate
+        normal_scores = predict_dataset(model, val_set, e.batch_size, t.device).scores
+        model.threshold = fit_threshold(normal_scores, e.threshold_rule, e.threshold_quantile, e.contamination)
     model.save(out)
     progress.remove()
     return TrainResult(model, out, seconds, skipped=False)

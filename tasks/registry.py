@@ -91,3 +91,15 @@ def register_trained(params: Params, checkpoint: Path, metrics_path: Path, files
         raise
     MlflowClient().set_terminated(run_id, "FINISHED")
     return {"run_id": run_id, **decision}
+
+
+def download_checkpoint(model_uri: str) -> Path:
+    """The checkpoint file behind an MLflow model URI (models:/NAME@alias, models:/NAME/3, runs:/...)."""
+    from tasks.tracking import configure_uri
+
+    configure_uri()
+    local = Path(mlflow.artifacts.download_artifacts(f"{model_uri.rstrip('/')}/artifacts"))
+    found = sorted(local.rglob("*.pt"))
+    if not found:
+        raise FileNotFoundError(f"no checkpoint in {model_uri}")
+    return found[0]

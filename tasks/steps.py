@@ -51,7 +51,10 @@ def train(params: Params, out: Path, data_hash: str, run_id: str) -> str:
     """Train (resuming an interrupted run, skipping a finished identical one) and log the history."""
     result = train_model(params, out, resume=True, data_hash=data_hash)
     log_history(run_id, result.model.history, result.model.metadata.get("train_seconds"))
-    MlflowClient().set_tag(run_id, "train_skipped", str(result.skipped).lower())
+    client = MlflowClient()
+    client.set_tag(run_id, "train_skipped", str(result.skipped).lower())
+    for key, value in (result.model.threshold or {}).items():
+        client.log_param(run_id, f"threshold.{key}", value)
     return str(result.path)
 
 

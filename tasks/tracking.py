@@ -20,12 +20,7 @@ DEFAULT_STORE = Path("mlruns")
 
 def configure(experiment: str) -> str:
     """Point MLflow at the configured store and make sure `experiment` exists; return its id."""
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        DEFAULT_STORE.mkdir(exist_ok=True)
-        uri = f"sqlite:///{(DEFAULT_STORE / 'mlflow.db').resolve()}"
-    mlflow.set_tracking_uri(uri)
+    uri = configure_uri()
     client = MlflowClient()
     found = client.get_experiment_by_name(experiment)
     if found is not None:
@@ -34,6 +29,17 @@ def configure(experiment: str) -> str:
     if uri.startswith("sqlite:///"):
         artifacts = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
     return client.create_experiment(experiment, artifact_location=artifacts)
+
+
+def configure_uri() -> str:
+    """Set MLflow's tracking URI: $MLFLOW_TRACKING_URI, else the sqlite store under mlruns/."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        DEFAULT_STORE.mkdir(exist_ok=True)
+        uri = f"sqlite:///{(DEFAULT_STORE / 'mlflow.db').resolve()}"
+    mlflow.set_tracking_uri(uri)
+    return uri
 
 
 def flatten(prefix: str, value: Any) -> dict[str, Any]:
