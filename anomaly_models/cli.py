@@ -96,6 +96,14 @@ def predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def export(args: argparse.Namespace) -> int:
+    from anomaly_models.export import export_onnx
+
+    path = export_onnx(_resolve_model(args.model), args.out)
+    print(f"wrote {path}")
+    return 0
+
+
 def _resolve_model(spec: str):
     """A checkpoint path, or an MLflow model URI such as models:/<name>@champion."""
     from anomaly_models import load_model
@@ -259,6 +267,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.set_defaults(handler=predict)
+
+    p = commands.add_parser("export", help="export the scoring graph to ONNX")
+    p.add_argument("--model", required=True, help="checkpoint path or MLflow URI")
+    p.add_argument("--out", required=True, help="ONNX file to write")
+    p.set_defaults(handler=export)
 
     p = commands.add_parser("register", help="log a trained model to MLflow and gate it into the registry")
     p.add_argument("--model", required=True, help="checkpoint written by `anomaly train`")

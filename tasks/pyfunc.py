@@ -1,8 +1,10 @@
 """The MLflow pyfunc flavour of any anomaly model: what `mlflow models serve` and the registry load.
 
 Input: a DataFrame with an `image` column of base64-encoded PNG/JPEG bytes (or HxW / HxWxC uint8
-arrays). Output: one row per image with `score`, and `label` (1 = anomalous) when the model
-carries a threshold. The model's own preprocessing is applied inside, so served scores equal
+arrays). Output: one row per image with `score`, and `label` (1 = anomalous) and `normalized_score` when
+the model carries a threshold; `params={"return_maps": true}` adds each anomaly map. Bad requests
+(no images, undecodable payloads, images above MAX_IMAGE_PIXELS) get a 400 with a message naming
+the row; grayscale images for an RGB model are converted, as `anomaly predict` does. The model's own preprocessing is applied inside, so served scores equal
 `anomaly evaluate`'s.
 """
 
@@ -13,16 +15,23 @@ import io
 
 import mlflow.pyfunc
 import numpy as np
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature, set_model
-from mlflow.types import ColSpec, Schema
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 import pandas as pd
 import torch
 from PIL import Image
 
+from anomaly_models.thresholds import normalize
+
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", "image")]),
-    outputs=Schema([ColSpec("double", "score"), ColSpec("long", "label", required=False)]),
+    outputs=Schema([ColSpec("double", "score"), ColSpec("long", "label", required=False),
+                    ColSpec("double", "normalized_score", required=False)]),
+    params=ParamSchema([ParamSpec("return_maps", "boolean", False)]),
 )
+MAX_IMAGE_PIXELS = 40_000_000  # larger requests are refused (400), not allowed to exhaust memory
 PIP_REQUIREMENTS = ["torch==2.14.1", "torchvision==0.29.1", "pillow==13.0.0", "pandas==3.1.1", "numpy==2.4.6"]
 
 
@@ -33,20 +42,42 @@ class AnomalyPyfunc(mlflow.pyfunc.PythonModel):
         self.model = load_model(context.artifacts["checkpoint"])
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        images = torch.stack([self.model.preprocessing(_decode(item))[0] for item in model_input["image"]])
-        scores, _ = self.model.predict(images)
+        if "image" not in model_input or len(model_input) == 0:
+            raise _bad_request("send a non-empty 'image' column of base64 PNG/JPEG images")
+        images = torch.stack([self.model.preprocessing(_decode(item, i))[0]
+                              for i, item in enumerate(model_input["image"])])
+        scores, maps = self.model.predict(images)
         result = pd.DataFrame({"score": scores.numpy().astype(float)})
         if self.model.threshold:
             result["label"] = (result["score"] >= self.model.threshold["value"]).astype(int)
+            result["normalized_score"] = normalize(result["score"].to_numpy(), self.model.threshold)
+        if (params or {}).get("return_maps") and maps is not None:
+            result["map"] = [m.tolist() for m in maps.numpy()]
         return result
 
 
-def _decode(item) -> Image.Image:
-    if isinstance(item, str):
-        return Image.open(io.BytesIO(base64.b64decode(item)))
-    if isinstance(item, (bytes, bytearray)):
-        return Image.open(io.BytesIO(item))
-    return Image.fromarray(np.asarray(item, dtype=np.uint8))
+def _decode(item, index: int) -> Image.Image:
+    """One request image -> PIL image, or a 400 error naming the row."""
+    try:
+        if isinstance(item, str):
+            image = Image.open(io.BytesIO(base64.b64decode(item, validate=True)))
+        elif isinstance(item, (bytes, bytearray)):
+            image = Image.open(io.BytesIO(item))
+        else:
+            image = Image.fromarray(np.asarray(item, dtype=np.uint8))
+        if image.width * image.height > MAX_IMAGE_PIXELS:
+            raise _bad_request(f"row {index}: image is {image.width}x{image.height}, above the "
+                               f"{MAX_IMAGE_PIXELS} pixel limit")
+        image.load()
+        return image
+    except MlflowException:
+        raise
+    except Exception as error:  # PIL and base64 raise many types for a bad payload
+        raise _bad_request(f"row {index}: not a decodable image ({error})") from None
+
+
+def _bad_request(message: str) -> MlflowException:
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
 
 
 # Logged "from code": MLflow runs this file to build the model instead of unpickling an object.
