@@ -96,6 +96,18 @@ def predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def report(args: argparse.Namespace) -> int:
+    from anomaly_models.report import write_report
+    from anomaly_models.runs import evaluate_model
+
+    model = _resolve_model(args.model)
+    params = _params(args, base={"data": model.metadata.get("data") or {}})
+    result = evaluate_model(model, params, device=args.device or "auto")
+    files = write_report(model, result, args.out)
+    print(f"wrote {files['report']}")
+    return 0
+
+
 def export(args: argparse.Namespace) -> int:
     from anomaly_models.export import export_onnx
 
@@ -267,6 +279,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.set_defaults(handler=predict)
+
+    p = commands.add_parser("report", help="evaluate and write a self-contained HTML report")
+    p.add_argument("--model", required=True, help="checkpoint path or MLflow URI")
+    p.add_argument("--out", required=True, help="folder for report.html and its figures")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    _add_data_flags(p)
+    p.set_defaults(handler=report)
 
     p = commands.add_parser("export", help="export the scoring graph to ONNX")
     p.add_argument("--model", required=True, help="checkpoint path or MLflow URI")

@@ -42,27 +42,52 @@ def write_curves(predictions: Predictions, folder: str | Path) -> dict[str, Path
 def plot_overlays(
     predictions: Predictions, dataset: RecordDataset, path: str | Path, count: int = 8
 ) -> Path | None:
-    """Grid of the highest-scoring and lowest-scoring test images with their anomaly maps on top."""
-    if predictions.maps is None:
-        return None
+    """Grid of the highest- and lowest-scoring test images with their anomaly maps on top."""
     order = np.argsort(predictions.scores)
     half = max(count // 2, 1)
     chosen = list(order[::-1][:half]) + list(order[:half])
-    figure, axes = plt.subplots(2, len(chosen), figsize=(2.2 * len(chosen), 4.6), squeeze=False)
+    return plot_examples(predictions, dataset, chosen, path,
+                         "highest (left) and lowest (right) scores; green: ground truth; bottom: anomaly map")
+
+
+def plot_examples(
+    predictions: Predictions, dataset: RecordDataset, indices, path: str | Path, title: str
+) -> Path | None:
+    """Images (top) and their anomaly maps over them (bottom), with ground-truth outlines."""
+    if predictions.maps is None or len(indices) == 0:
+        return None
+    figure, axes = plt.subplots(2, len(indices), figsize=(2.2 * max(len(indices), 2), 4.6), squeeze=False)
     low, high = np.percentile(predictions.maps, [1, 99.9])
-    for column, index in enumerate(chosen):
+    for column, index in enumerate(indices):
         image = dataset.preprocessing.denormalize(dataset[int(index)].image).permute(1, 2, 0).numpy()
         image = image.squeeze(-1) if image.shape[-1] == 1 else image
-        axes[0, column].imshow(image, cmap="gray" if image.ndim == 2 else None)
+        cmap = "gray" if image.ndim == 2 else None
+        axes[0, column].imshow(image, cmap=cmap)
         if predictions.masks is not None and predictions.masks[index].any():
             axes[0, column].contour(predictions.masks[index], levels=[0.5], colors="lime", linewidths=0.8)
         axes[0, column].set_title(f"{predictions.defect_types[index]}\nscore {predictions.scores[index]:.3g}",
                                   fontsize=8)
-        axes[1, column].imshow(image, cmap="gray" if image.ndim == 2 else None)
+        axes[1, column].imshow(image, cmap=cmap)
         axes[1, column].imshow(predictions.maps[index], cmap="jet", alpha=0.5, vmin=low, vmax=high)
         for axis in axes[:, column]:
             axis.axis("off")
-    figure.suptitle("highest (left) and lowest (right) scores; green: ground truth; bottom: anomaly map")
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return Path(path)
+
+
+def plot_histogram(predictions: Predictions, path: str | Path, threshold: float | None = None) -> Path:
+    """Score distributions of normal vs anomalous test images, with the decision threshold."""
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    bins = np.histogram_bin_edges(predictions.scores, bins=30)
+    for label, name, colour in ((0, "normal", "tab:blue"), (1, "anomalous", "tab:red")):
+        axis.hist(predictions.scores[predictions.labels == label], bins=bins, alpha=0.6, label=name, color=colour)
+    if threshold is not None:
+        axis.axvline(threshold, color="black", linestyle="--", label="threshold")
+    axis.set(xlabel="image score", ylabel="images", title="score histogram (test split)")
+    axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

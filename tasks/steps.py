@@ -14,11 +14,13 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 from prefect import task
 
+from anomaly_models import load_model
 from anomaly_models.base import MODELS
 from anomaly_models.config import Params
 from anomaly_models.data.download import ensure_dataset
 from anomaly_models.data.inbox import InboxReport, ingest_inbox
 from anomaly_models.data.prepare import write_manifest
+from anomaly_models.report import write_report
 from anomaly_models.runs import evaluate_model, train_model
 from tasks.registry import register_model_version
 from tasks.tracking import log_evaluation, log_history
@@ -61,10 +63,10 @@ def train(params: Params, out: Path, data_hash: str, run_id: str) -> str:
 @task(name="evaluate")
 def evaluate(params: Params, checkpoint: Path, metrics_path: Path, plots_dir: Path, run_id: str) -> dict:
     """Metrics on the fixed test split, written to JSON and logged with the curves and overlays."""
-    from anomaly_models import load_model
-
-    result = evaluate_model(load_model(checkpoint), params, metrics_path, plots_dir)
-    log_evaluation(run_id, result.metrics, [Path(metrics_path), *result.plots.values()])
+    model = load_model(checkpoint)
+    result = evaluate_model(model, params, metrics_path, plots_dir)
+    files = write_report(model, result, plots_dir)  # curves, histogram, worst mistakes, report.html
+    log_evaluation(run_id, result.metrics, [Path(metrics_path), *files.values()])
     return result.metrics
 
 

@@ -58,7 +58,8 @@ def test_flow_trains_tracks_registers_and_serves_the_same_scores(tmp_path, mvtec
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 2
     assert run.data.metrics["image_auroc"] == pytest.approx(result["metrics"]["image_auroc"])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
-    assert {"evaluation/metrics.json", "evaluation/roc.csv", "evaluation/overlays.png"} <= artifacts
+    assert {"evaluation/metrics.json", "evaluation/roc.csv", "evaluation/overlays.png",
+            "evaluation/histogram.png", "evaluation/report.html"} <= artifacts
 
     assert result["decision"]["promoted"] and result["decision"]["version"] == 1
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == "1"

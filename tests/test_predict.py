@@ -70,3 +70,15 @@ def test_predict_on_the_bottle_test_folder_matches_evaluate(tmp_path, mvtec_root
         name = row["path"].split("/")[-1]
         if name in by_name:
             assert float(row["score"]) == pytest.approx(by_name[name], abs=1e-6)
+
+
+def test_report_is_one_self_contained_page(tmp_path, mvtec_root):
+    model_path = tmp_path / "ae.pt"
+    assert main(["train", "--method", "ae", "--data-root", str(mvtec_root), "--category", "bottle",
+                 "--epochs", "1", "--image-size", "32", "--set", "base_channels=8", "--device", "cpu",
+                 "--out", str(model_path)]) == 0
+    assert main(["report", "--model", str(model_path), "--out", str(tmp_path / "report"), "--device", "cpu"]) == 0
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert page.count("data:image/png;base64,") >= 3  # curves, histogram, and at least one mistake grid
+    assert "image_auroc" in page and "quantile" in page and "src='http" not in page
+    assert (tmp_path / "report" / "histogram.png").stat().st_size > 1000
