@@ -28,8 +28,9 @@ def write_report(model: AnomalyModel, result: EvaluationResult, folder: str | Pa
     threshold = model.threshold["value"] if model.threshold else None
     files["histogram"] = plot_histogram(p, folder / "histogram.png", threshold)
     cut = threshold if threshold is not None else result.metrics["f1_threshold"]
-    false_pos = [i for i in np.argsort(-p.scores) if p.labels[i] == 0 and p.scores[i] >= cut][:WORST]
-    false_neg = [i for i in np.argsort(p.scores) if p.labels[i] == 1 and p.scores[i] < cut][:WORST]
+    all_false_pos = [i for i in np.argsort(-p.scores) if p.labels[i] == 0 and p.scores[i] >= cut]
+    all_false_neg = [i for i in np.argsort(p.scores) if p.labels[i] == 1 and p.scores[i] < cut]
+    false_pos, false_neg = all_false_pos[:WORST], all_false_neg[:WORST]
     for key, indices, title in (
         ("false_positives", false_pos, "worst false positives: normal images scored above the threshold"),
         ("false_negatives", false_neg, "worst false negatives: anomalies scored below the threshold"),
@@ -41,7 +42,8 @@ def write_report(model: AnomalyModel, result: EvaluationResult, folder: str | Pa
             f"normal validation images: {threshold:.5g}" if model.threshold
             else f"none stored; F1-optimal on test shown for reference: {cut:.5g}")
     counts = (f"{int((p.labels == 0).sum())} normal / {int((p.labels == 1).sum())} anomalous test images; "
-              f"at the threshold {len(false_pos)}+ false positives, {len(false_neg)}+ false negatives shown")
+              f"at the threshold {len(all_false_pos)} false positives and {len(all_false_neg)} false "
+              f"negatives (the worst {WORST} of each are shown)")
     files["report"] = atomic_write_text(folder / "report.html", _page(model, result.metrics, rule, counts, files))
     return files
 
