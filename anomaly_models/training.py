@@ -160,10 +160,10 @@ def run_epochs(
             "%s epoch %d/%d: %s", desc, epoch + 1, epochs,
             ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "epoch"),
         )
+        if on_epoch_end is not None:  # may add to `record`; runs before it is checkpointed
+            on_epoch_end(epoch, record)
         if checkpoint is not None:
             checkpoint.save(epoch + 1, tracked, history)
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, record)
     return history
 
 

@@ -24,6 +24,17 @@ from PIL import Image
 from anomaly_models.data import default_data_root
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny test models run faster on one thread, and tests don't fight each other for cores."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def mvtec_root() -> Path:
     root = default_data_root("mvtec")
