@@ -127,6 +127,23 @@ def _resolve_model(spec: str):
     return load_model(spec)
 
 
+def sweep(args: argparse.Namespace) -> int:
+    from flows.sweep import sweep as run_sweep
+
+    result = run_sweep(args.params, args.profile)
+    print(Path(result["files"]["markdown"]).read_text())
+    return 0
+
+
+def leaderboard(args: argparse.Namespace) -> int:
+    from flows.sweep import leaderboard_from_mlflow
+
+    experiment = load_params(args.params, args.profile).register.experiment
+    files = leaderboard_from_mlflow(experiment, args.out)
+    print(files["markdown"].read_text())
+    return 0
+
+
 def _data_hash(manifest: str | None) -> str | None:
     """The data version recorded by `anomaly prepare`, when its manifest is given."""
     if not manifest:
@@ -304,6 +321,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--profile")
     p.set_defaults(handler=run)
+
+    p = commands.add_parser("sweep", help="train + evaluate every cell of `sweep:` on Dask; leaderboard")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--profile")
+    p.set_defaults(handler=sweep)
+
+    p = commands.add_parser("leaderboard", help="rebuild the latest sweep's leaderboard from MLflow")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--profile")
+    p.add_argument("--out", default="leaderboard", help="folder for the leaderboard files")
+    p.set_defaults(handler=leaderboard)
 
     p = commands.add_parser("download", help="fetch a dataset from its official source (checksummed)")
     p.add_argument("dataset", choices=["mvtec", "cifar10"])

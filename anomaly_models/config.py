@@ -160,6 +160,19 @@ class RetrainConfig:
 
 
 @dataclass(frozen=True)
+class SweepConfig:
+    """A grid of (method x category or normal class x seed) cells, each trained and evaluated."""
+
+    methods: tuple[str, ...] = ("ae",)
+    subjects: tuple[str, ...] = ("bottle",)  # MVTec categories, or normal classes for one-class data
+    seeds: tuple[int, ...] = (0,)
+    address: str | None = None  # an existing Dask scheduler (tcp://host:8786); None: a local cluster
+    n_workers: int | None = None  # local cluster size; None: one per CPU core
+    threads_per_worker: int = 1  # torch threads per worker too, so workers x threads = cores
+    retries: int = 1  # a cell whose worker died is run again this many times
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Which method to train; `options` holds each method's own section, validated by the method."""
 
@@ -181,6 +194,7 @@ class Params:
     evaluate: EvaluateConfig = EvaluateConfig()
     register: RegisterConfig = RegisterConfig()
     retrain: RetrainConfig = RetrainConfig()
+    sweep: SweepConfig = SweepConfig()
 
     def registered_name(self) -> str:
         subject = self.data.category if self.data.dataset == "mvtec" else self.data.normal_class

@@ -62,7 +62,7 @@ def git_commit() -> str:
         return "unknown"
 
 
-def start_run(params, data_hash: str, run_name: str | None = None) -> str:
+def start_run(params, data_hash: str, run_name: str | None = None, tags: dict | None = None) -> str:
     """Open the one MLflow run of a trained model: tags for code and data version, all params."""
     from anomaly_models.config import to_dict
 
@@ -71,7 +71,8 @@ def start_run(params, data_hash: str, run_name: str | None = None) -> str:
     run = client.create_run(
         experiment_id,
         run_name=run_name or params.registered_name(),
-        tags={"git_commit": git_commit(), "data_hash": data_hash, "method": params.model.method},
+        tags={"git_commit": git_commit(), "data_hash": data_hash, "method": params.model.method,
+              **(tags or {})},
     )
     for key, value in flatten("", to_dict(params)).items():
         client.log_param(run.info.run_id, key, "null" if value is None else value)

@@ -1,0 +1,67 @@
+"""One sweep cell as a Prefect task: train + evaluate one (method, subject, seed), as a child run.
+
+A cell is identified by a key over its params, its data hash and the code version; a cell whose
+key already has a finished MLflow run is not run again (its logged metrics are reused).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from mlflow.tracking import MlflowClient
+from prefect import task
+
+from anomaly_models.config import Params, to_dict
+from anomaly_models.data.prepare import build_manifest
+from anomaly_models.leaderboard import METRICS
+from anomaly_models.runs import evaluate_model, train_model
+from tasks.tracking import configure, git_commit, log_evaluation, log_history, start_run
+
+
+def cell_params(params: Params, method: str, subject: str, seed: int) -> Params:
+    """`params` with one cell's method, subject (category or normal class) and seed."""
+    subject_key = "category" if params.data.dataset == "mvtec" else "normal_class"
+    return dataclasses.replace(
+        params,
+        data=dataclasses.replace(params.data, **{subject_key: subject}),
+        model=dataclasses.replace(params.model, method=method),
+        train=dataclasses.replace(params.train, seed=seed),
+    )
+
+
+@task(name="sweep-cell")
+def run_cell(params: Params, method: str, subject: str, seed: int, parent_run_id: str, workdir: str) -> dict:
+    torch.set_num_threads(params.sweep.threads_per_worker)
+    params = cell_params(params, method, subject, seed)
+    identity = {"cell": [method, subject, seed], "data": to_dict(params.data), "train": to_dict(params.train),
+                "model": to_dict(params.model), "evaluate": to_dict(params.evaluate)}
+    data_hash = build_manifest(params.data)["data_hash"]
+    key = hashlib.sha256(json.dumps([identity, data_hash, git_commit()], sort_keys=True).encode()).hexdigest()
+    row = {"method": method, "subject": subject, "seed": seed, "cell_key": key}
+
+    experiment_id = configure(params.register.experiment)
+    client = MlflowClient()
+    done = client.search_runs([experiment_id], f"tags.cell_key = '{key}' and attributes.status = 'FINISHED'",
+                              max_results=1)
+    if done:
+        metrics = done[0].data.metrics
+        return {**row, **{m: metrics.get(m) for m in METRICS}, "status": "skipped", "run_id": done[0].info.run_id}
+
+    run_id = start_run(params, data_hash, f"{method}-{subject}-seed{seed}",
+                       tags={"mlflow.parentRunId": parent_run_id, "cell_key": key})
+    try:
+        folder = Path(workdir) / "cells" / key[:16]
+        trained = train_model(params, folder / "model.pt", data_hash=data_hash)
+        result = evaluate_model(trained.model, params, folder / "metrics.json")
+        result.metrics["train_seconds"] = trained.model.metadata.get("train_seconds", trained.seconds)
+        log_history(run_id, trained.model.history, result.metrics["train_seconds"])
+        log_evaluation(run_id, result.metrics, [folder / "metrics.json"])
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    return {**row, **{m: result.metrics.get(m) for m in METRICS}, "status": "finished", "run_id": run_id}
