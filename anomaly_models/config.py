@@ -134,9 +134,10 @@ class EvaluateConfig:
     batch_size: int = 32
     fpr_limit: float = 0.3  # AUPRO integrates the PRO curve up to this false-positive rate
     # Decision threshold, set on the normal validation split after training (anomaly_models/thresholds.py).
-    threshold_rule: Literal["quantile", "contamination"] = "quantile"
+    threshold_rule: Literal["quantile", "contamination", "f1"] = "quantile"
     threshold_quantile: float = 0.995  # quantile rule: ~0.5 % of normal images flagged
     contamination: float = 0.01  # contamination rule: expected fraction of defective images
+    labelled_val_root: str | None = None  # f1 rule: labelled validation data (same layout), never test
 
 
 @dataclass(frozen=True)

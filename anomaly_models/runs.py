@@ -5,6 +5,7 @@ Kept here (not in the CLI) so that every entry point runs exactly the same code.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -16,10 +17,10 @@ from torch.utils.data import DataLoader
 from anomaly_models.base import AnomalyModel, load_model, model_from_params
 from anomaly_models.config import Params
 from anomaly_models.data import RecordDataset, build_dataset
-from anomaly_models.errors import AnomalyError
+from anomaly_models.errors import AnomalyError, ConfigError
 from anomaly_models.evaluation import Predictions, evaluate, predict_dataset
 from anomaly_models.files import atomic_write_text
-from anomaly_models.thresholds import fit_threshold
+from anomaly_models.thresholds import f1_threshold, fit_threshold
 from anomaly_models.training import EpochCheckpoint, TrainingDiverged, seed_everything
 
 
@@ -72,13 +73,28 @@ def train_model(
         raise AnomalyError(f"training stopped: {error}") from None
     seconds = time.perf_counter() - started
     model.metadata["train_seconds"] = seconds
-    if len(val_set):
-        e = params.evaluate
-        normal_scores = predict_dataset(model, val_set, e.batch_size, t.device).scores
-        model.threshold = fit_threshold(normal_scores, e.threshold_rule, e.threshold_quantile, e.contamination)
+    model.threshold = calibrate_threshold(model, params, val_set)
     model.save(out)
     progress.remove()
     return TrainResult(model, out, seconds, skipped=False)
+
+
+def calibrate_threshold(model: AnomalyModel, params: Params, val_set: RecordDataset) -> dict | None:
+    """The decision threshold by `evaluate.threshold_rule`: on the normal validation split, or
+    (rule f1) on a separately labelled validation folder, never on the test split."""
+    e = params.evaluate
+    normal = predict_dataset(model, val_set, e.batch_size, params.train.device).scores if len(val_set) else None
+    if e.threshold_rule == "f1":
+        if not e.labelled_val_root:
+            raise ConfigError("evaluate.threshold_rule f1 needs evaluate.labelled_val_root (a labelled "
+                              "validation folder in the dataset's layout, not the test data)")
+        labelled_config = dataclasses.replace(params.data, root=e.labelled_val_root)
+        labelled = predict_dataset(model, build_dataset(labelled_config, "test", model.preprocessing),
+                                   e.batch_size, params.train.device)
+        return f1_threshold(labelled.labels, labelled.scores, normal)
+    if normal is None:
+        return None
+    return fit_threshold(normal, e.threshold_rule, e.threshold_quantile, e.contamination)
 
 
 def evaluate_model(

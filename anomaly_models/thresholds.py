@@ -4,7 +4,9 @@ Rules (`evaluate.threshold_rule`), all computed on the NORMAL validation split, 
 - `quantile`: the q-quantile of normal validation scores (q = 0.995: about 0.5 % of normal
   images are flagged), the usual choice when no defects are labelled;
 - `contamination`: the (1 - rate)-quantile, for users who know roughly what fraction of
-  production images is defective.
+  production images is defective;
+- `f1`: when a labelled validation set exists (`evaluate.labelled_val_root`, a folder in the
+  dataset's layout that is NOT the test data), the F1-optimal threshold on it.
 The same value is the pixel threshold of the defect masks: the methods' image score is the
 maximum (or top-k mean) of the anomaly map, so the two live in the same units.
 
@@ -31,12 +33,22 @@ def fit_threshold(normal_scores: np.ndarray, rule: str, quantile: float, contami
     elif rule == "contamination":
         level = 1.0 - contamination
     else:
-        raise ConfigError(f"evaluate.threshold_rule: {rule!r} is not allowed (allowed: quantile, contamination)")
+        raise ConfigError(f"evaluate.threshold_rule: {rule!r} is not allowed (allowed: quantile, contamination, f1)")
     if not 0.0 < level <= 1.0:
         raise ConfigError(f"evaluate.threshold_{rule}: gives quantile {level}, which is not in (0, 1]")
     value = float(np.quantile(scores, level, method="higher"))
     scale = float(scores.std()) or 1.0
     return {"rule": rule, "quantile": level, "value": value, "scale": scale, "num_normal": int(scores.size)}
+
+
+def f1_threshold(labels: np.ndarray, scores: np.ndarray, normal_scores: np.ndarray | None) -> dict[str, Any]:
+    """F1-optimal threshold on a labelled validation set; the scale comes from its normal scores."""
+    from anomaly_models.metrics import f1_max
+
+    f1, value = f1_max(labels, scores)
+    reference = np.asarray(scores)[np.asarray(labels) == 0] if normal_scores is None else normal_scores
+    return {"rule": "f1", "f1": f1, "value": float(value), "scale": float(np.std(reference)) or 1.0,
+            "num_normal": int(len(reference)), "num_labelled": int(len(labels))}
 
 
 def normalize(scores: np.ndarray, threshold: dict[str, Any]) -> np.ndarray:

@@ -82,3 +82,23 @@ def test_report_is_one_self_contained_page(tmp_path, mvtec_root):
     assert page.count("data:image/png;base64,") >= 3  # curves, histogram, and at least one mistake grid
     assert "image_auroc" in page and "quantile" in page and "src='http" not in page
     assert (tmp_path / "report" / "histogram.png").stat().st_size > 1000
+
+
+def test_f1_threshold_comes_from_a_labelled_validation_folder_not_the_test_split(tmp_path, mvtec_root, tiny_mvtec):
+    import shutil
+
+    from anomaly_models.config import params_from_dict
+    from anomaly_models.metrics import f1_max
+    from anomaly_models.runs import train_model
+
+    labelled = tmp_path / "labelled"
+    shutil.copytree(tiny_mvtec / "widget", labelled / "bottle")
+    raw = {"data": {"root": str(mvtec_root)}, "model": {"image_size": 32, "ae": {"base_channels": 8}},
+           "train": {"epochs": 1, "device": "cpu"}, "evaluate": {"threshold_rule": "f1"}}
+    with pytest.raises(ConfigError, match="needs evaluate.labelled_val_root"):
+        train_model(params_from_dict(raw), tmp_path / "a.pt")
+    raw["evaluate"]["labelled_val_root"] = str(labelled)
+    model = train_model(params_from_dict(raw), tmp_path / "b.pt").model
+    scored = predict_dataset(model, MVTecAD(labelled, "bottle", "test", model.preprocessing), 8, "cpu")
+    assert model.threshold["rule"] == "f1" and model.threshold["num_labelled"] == 4
+    assert (model.threshold["f1"], model.threshold["value"]) == pytest.approx(f1_max(scored.labels, scored.scores))
