@@ -213,9 +213,11 @@ def _params(args: argparse.Namespace, base: dict | None = None) -> Params:
     }
     given = {section: {k: v for k, v in values.items() if v is not None} for section, values in flags.items()}
     raw = deep_merge(raw, given)
-    if getattr(args, "set", None):
+    method_flags = {k: getattr(args, k, None) for k in ("backbone", "weights")}
+    method_options = {**{k: v for k, v in method_flags.items() if v is not None}, **_key_values(getattr(args, "set", []))}
+    if method_options:
         method = raw.get("model", {}).get("method", ModelConfig.method)
-        raw = deep_merge(raw, {"model": {method: _key_values(args.set)}})
+        raw = deep_merge(raw, {"model": {method: method_options}})
     return params_from_dict(raw, args.params or "command line")
 
 
@@ -268,6 +270,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--manifest", help="data manifest from `anomaly prepare` (records the data hash)")
+    p.add_argument("--backbone", choices=["efficientnet_lite0", "resnet18", "resnet50", "resnet152"],
+                   help="feature methods (msc, patchcore): the pretrained backbone")
+    p.add_argument("--weights", help="feature methods: imagenet | none | path to a .pth state dict")
     p.add_argument("--no-resume", dest="resume", action="store_false",
                    help="start from scratch even if OUT.partial holds an interrupted run's last epoch")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

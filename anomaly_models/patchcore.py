@@ -1,0 +1,214 @@
+"""PatchCore (Roth et al., CVPR 2022): nearest-neighbour search over pretrained patch features.
+
+The reference the trained methods are measured against on MVTec AD; it needs no training. Locally
+aware patch features come from two intermediate backbone stages (3x3 average pooling, the deeper
+map upsampled to the shallower grid, concatenated, optionally randomly projected). `fit` collects
+them over the normal training images and keeps a greedy k-center coreset (10 % by default) as the
+memory bank. A test patch's score is its distance to the nearest bank patch; the image score is the
+largest patch score re-weighted as in the paper (eq. 7), the anomaly map the patch scores
+upsampled to the image and Gaussian-smoothed.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader
+
+from anomaly_models.backbones import (
+    STAGES, Backbone, BackboneName, backbone_preprocessing, build_backbone, every_image, knn_search,
+)
+from anomaly_models.base import AnomalyModel, register_model
+from anomaly_models.errors import ConfigError
+from anomaly_models.scoring import gaussian_smooth
+from anomaly_models.training import resolve_device, seed_everything, seeded
+from anomaly_models.transforms import Preprocessing
+
+
+@dataclass(frozen=True)
+class PatchCoreConfig:
+    backbone: BackboneName = "efficientnet_lite0"
+    weights: str = "imagenet"  # imagenet | none | path to a .pth state dict
+    layers: tuple[str, ...] = ("layer2", "layer3")  # stages at strides 8 and 16, as the paper
+    pooling_size: int = 3  # neighbourhood averaged into each patch feature (paper: p = 3)
+    projection_dim: int | None = None  # random projection of the patch features; None keeps them
+    coreset_ratio: float = 0.1  # fraction of the training patches kept in the memory bank
+    coreset_projection_dim: int = 128  # coreset selection runs on this random projection (official)
+    num_neighbors: int = 9  # bank neighbours in the score re-weighting (paper: b = 9); 1 turns it off
+    smoothing_sigma: float = 4.0  # Gaussian smoothing of the anomaly map, in pixels
+    chunk_size: int = 8192  # rows per block of the exact nearest-neighbour search
+
+    def __post_init__(self):
+        if not 0.0 < self.coreset_ratio <= 1.0:
+            raise ConfigError(f"model.patchcore.coreset_ratio: {self.coreset_ratio} is not in (0, 1]")
+        if not self.layers or not set(self.layers) <= set(STAGES):
+            raise ConfigError(f"model.patchcore.layers: {list(self.layers)} must name stages of {STAGES}")
+        if self.pooling_size < 1 or self.pooling_size % 2 == 0:
+            raise ConfigError(f"model.patchcore.pooling_size: {self.pooling_size} must be odd and >= 1")
+
+
+def patch_features(
+    backbone: Backbone, images: torch.Tensor, layers: tuple[str, ...], pooling_size: int,
+    projection: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(B, h, w, D) locally aware patch features on the grid of the first (shallowest) layer."""
+    maps = backbone.feature_maps(images, layers)
+    pooled = [F.avg_pool2d(m, pooling_size, stride=1, padding=pooling_size // 2) for m in maps]
+    grid = pooled[0].shape[-2:]
+    aligned = [F.interpolate(m, size=grid, mode="bilinear") if m.shape[-2:] != grid else m for m in pooled]
+    features = torch.cat(aligned, dim=1).permute(0, 2, 3, 1)
+    return features @ projection if projection is not None else features
+
+
+def random_projection(dim_in: int, dim_out: int, generator: torch.Generator) -> torch.Tensor:
+    """Gaussian Johnson-Lindenstrauss projection (dim_in, dim_out), distances kept in expectation."""
+    return torch.randn(dim_in, dim_out, generator=generator) / math.sqrt(dim_out)
+
+
+def greedy_coreset(
+    features: torch.Tensor, size: int, projection_dim: int | None, generator: torch.Generator
+) -> torch.Tensor:
+    """Indices of `size` rows chosen by greedy k-center (farthest-point) selection.
+
+    Each step adds the row farthest from everything chosen so far, so no training patch is far
+    from the bank (a 2-approximation of the smallest possible largest gap). Distances are measured on a random projection when the
+    features are wider than `projection_dim` (as the official code, for speed).
+    """
+    if projection_dim and features.shape[1] > projection_dim:
+        projection = random_projection(features.shape[1], projection_dim, generator)
+        features = features @ projection.to(features)
+    features = features.contiguous()
+    norms = features.square().sum(dim=1)
+    selected = torch.empty(size, dtype=torch.long)
+    chosen = torch.randint(features.shape[0], (1,), generator=generator).item()
+    nearest = torch.full_like(norms, float("inf"))
+    distances = torch.empty_like(norms)
+    for i in range(size):
+        selected[i] = chosen
+        # squared distance to the new center, ||x||^2 - 2 x.c + ||c||^2, in place (memory-bound loop)
+        torch.addmv(norms, features, features[chosen], alpha=-2, out=distances).add_(norms[chosen])
+        torch.minimum(nearest, distances, out=nearest)
+        chosen = int(nearest.argmax())
+    return selected
+
+
+class PatchCoreScorer(nn.Module):
+    """Export-ready scoring graph: images -> (image scores, anomaly maps)."""
+
+    def __init__(self, backbone: Backbone, memory_bank: torch.Tensor, projection: torch.Tensor | None,
+                 config: PatchCoreConfig):
+        super().__init__()
+        self.backbone, self.config = backbone, config
+        self.register_buffer("memory_bank", memory_bank)
+        self.register_buffer("projection", projection)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.config
+        features = patch_features(self.backbone, images, c.layers, c.pooling_size, self.projection)
+        batch, h, w, dim = features.shape
+        flat = features.reshape(-1, dim)
+        squared, nearest = knn_search(flat, self.memory_bank, 1, c.chunk_size)
+        patch_scores = squared[:, 0].clamp_min(0).sqrt().view(batch, h * w)
+        nearest = nearest[:, 0].view(batch, h * w)
+        scores = self.reweighted(patch_scores, nearest, flat.view(batch, h * w, dim))
+        maps = F.interpolate(patch_scores.view(batch, 1, h, w), size=images.shape[-2:], mode="bilinear")
+        return scores, gaussian_smooth(maps.squeeze(1), c.smoothing_sigma)
+
+    def reweighted(self, patch_scores: torch.Tensor, nearest: torch.Tensor, features: torch.Tensor):
+        """Paper eq. 7: s* scaled by 1 - softmax weight of its bank neighbour m* among m*'s own
+        b nearest bank neighbours, so a patch whose neighbour sits in a dense bank region counts more."""
+        rows = torch.arange(patch_scores.shape[0], device=patch_scores.device)
+        worst = patch_scores.argmax(dim=1)
+        score = patch_scores[rows, worst]
+        if self.config.num_neighbors <= 1:
+            return score
+        m_star = self.memory_bank[nearest[rows, worst]]
+        _, support = knn_search(m_star, self.memory_bank, self.config.num_neighbors, self.config.chunk_size)
+        distances = (features[rows, worst].unsqueeze(1) - self.memory_bank[support]).norm(dim=-1)
+        return (1 - distances.softmax(dim=1)[:, 0]) * score
+
+
+@register_model
+class PatchCore(AnomalyModel):
+    name = "patchcore"
+    config_class = PatchCoreConfig
+
+    def __init__(self, config=None, train=None, preprocessing=None):
+        super().__init__(config, train, preprocessing)
+        with seeded(self.train_config.seed):  # weights: none keeps this initialisation
+            self.network = build_backbone(self.config.backbone).eval()  # fit loads the weights
+        self.memory_bank: torch.Tensor | None = None
+        self.projection: torch.Tensor | None = None
+
+    @classmethod
+    def default_preprocessing(cls, config: PatchCoreConfig) -> Preprocessing:
+        """The backbone's input statistics at 256 px without a crop, so maps cover the whole image."""
+        stats = backbone_preprocessing(config.backbone)
+        return Preprocessing(image_size=256, mean=stats.mean, std=stats.std)
+
+    @torch.no_grad()
+    def fit(self, train_loader: DataLoader, val_loader: DataLoader | None = None) -> list[dict]:
+        """No training: load the pretrained backbone, collect patch features, keep a coreset."""
+        c, t = self.config, self.train_config
+        started = time.perf_counter()
+        generator = seed_everything(t.seed)
+        device = resolve_device(t.device)
+        self.network.load_pretrained(c.weights)
+        self.network.to(device).eval()
+        self.projection, collected = None, []
+        for batch in every_image(train_loader):
+            images = batch.image.to(device)
+            if c.projection_dim and self.projection is None:
+                width = patch_features(self.network, images[:1], c.layers, c.pooling_size).shape[-1]
+                self.projection = random_projection(width, c.projection_dim, generator).to(device)
+            features = patch_features(self.network, images, c.layers, c.pooling_size, self.projection)
+            collected.append(features.reshape(-1, features.shape[-1]).cpu())
+        if not collected:
+            raise ConfigError("patchcore: the training loader yielded no images")
+        features = torch.cat(collected)
+        size = max(1, round(c.coreset_ratio * len(features)))
+        keep = greedy_coreset(features.to(device), size, c.coreset_projection_dim, generator) \
+            if size < len(features) else slice(None)
+        self.memory_bank = features[keep]
+        self.network.cpu()
+        self.projection = self.projection.cpu() if self.projection is not None else None
+        record = {"epoch": 1, "train_patches": float(len(features)), "memory_bank": float(size)}
+        if val_loader is not None and len(val_loader.dataset) > 0:
+            val_scores = torch.cat([self.predict(batch.image)[0] for batch in val_loader])
+            record["val_mean_score"] = val_scores.mean().item()
+        record["seconds"] = time.perf_counter() - started
+        self.history = [record]
+        return self.history
+
+    def scorer(self) -> PatchCoreScorer:
+        if self.memory_bank is None:
+            raise ConfigError("patchcore: the model is not fitted (no memory bank); call fit first")
+        return PatchCoreScorer(self.network, self.memory_bank, self.projection, self.config)
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scorer = self.scorer().eval()
+        device = next(self.network.parameters()).device
+        scores, maps = scorer.to(device)(images.to(device))
+        return scores.cpu(), maps.cpu()
+
+    def state_dict(self) -> dict:
+        return {"network": self.network.state_dict(), "memory_bank": self.memory_bank,
+                "projection": self.projection}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.memory_bank, self.projection = state["memory_bank"], state["projection"]
+
+    def to(self, device: torch.device | str) -> "PatchCore":
+        self.network.to(device)
+        if self.memory_bank is not None:
+            self.memory_bank = self.memory_bank.to(device)
+        if self.projection is not None:
+            self.projection = self.projection.to(device)
+        return self

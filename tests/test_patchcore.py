@@ -1,0 +1,117 @@
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from anomaly_models import build_model, load_model
+from anomaly_models.backbones import build_backbone
+from anomaly_models.data import MVTecAD
+from anomaly_models.errors import CheckpointError, ConfigError
+from anomaly_models.evaluation import evaluate, predict_dataset
+from anomaly_models.patchcore import greedy_coreset, patch_features
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """On a shared 2-core machine one torch thread is several times faster than two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_coreset_picks_the_farthest_point_each_step():
+    rng = np.random.default_rng(0)
+    # three tight clusters far apart plus background points: three picks hit three clusters
+    clusters = np.concatenate([rng.normal(c, 0.01, size=(20, 2)) for c in ([0, 0], [10, 0], [0, 10])])
+    points = torch.tensor(clusters, dtype=torch.float32)
+    picked = greedy_coreset(points, 3, None, torch.Generator().manual_seed(0))
+    assert sorted(int(i) // 20 for i in picked) == [0, 1, 2]
+
+    features = torch.randn(200, 6, generator=torch.Generator().manual_seed(1))
+    picked = greedy_coreset(features, 25, None, torch.Generator().manual_seed(0))
+    assert len(set(picked.tolist())) == 25
+    for i in range(1, 25):
+        gap = torch.cdist(features, features[picked[:i]]).min(dim=1).values
+        assert gap[picked[i]] == pytest.approx(gap.max().item(), rel=1e-4)
+
+
+def test_patch_features_are_pooled_upsampled_and_concatenated():
+    backbone = build_backbone("resnet18").eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        features = patch_features(backbone, images, ("layer2", "layer3"), 3)
+        layer2, layer3 = backbone.feature_maps(images, ["layer2", "layer3"])
+    assert features.shape == (2, 8, 8, 128 + 256)
+    pooled = torch.nn.functional.avg_pool2d(layer2, 3, 1, 1)
+    torch.testing.assert_close(features[..., :128], pooled.permute(0, 2, 3, 1))
+    projected = patch_features(backbone, images, ("layer2", "layer3"), 3, torch.randn(384, 16))
+    assert projected.shape == (2, 8, 8, 16)
+
+
+@pytest.fixture(scope="module")
+def bottle_model(mvtec_root):
+    """PatchCore fitted on the real bottle training images at 64 px (Lite0, offline ImageNet)."""
+    model = build_model("patchcore", {"coreset_ratio": 0.25, "smoothing_sigma": 1.0},
+                        {"device": "cpu"}, {"image_size": 64})
+    train = MVTecAD(mvtec_root, "bottle", "train", model.preprocessing, val_fraction=0.1)
+    val = MVTecAD(mvtec_root, "bottle", "val", model.preprocessing, val_fraction=0.1)
+    model.fit(DataLoader(train, batch_size=32), DataLoader(val, batch_size=32))
+    return model
+
+
+def test_bottle_end_to_end_separates_defects(bottle_model, mvtec_root):
+    record = bottle_model.history[-1]
+    assert record["memory_bank"] == round(0.25 * record["train_patches"])
+    assert bottle_model.memory_bank.shape == (record["memory_bank"], 40 + 112)
+    test = MVTecAD(mvtec_root, "bottle", "test", bottle_model.preprocessing)
+    metrics = evaluate(predict_dataset(bottle_model, test, 32, "cpu"))
+    assert metrics["image_auroc"] > 0.95
+    assert metrics["pixel_auroc"] > 0.9
+
+
+def test_image_score_is_the_reweighted_worst_patch(bottle_model, mvtec_root):
+    test = MVTecAD(mvtec_root, "bottle", "test", bottle_model.preprocessing)
+    images = torch.stack([test[i].image for i in (0, 40)])
+    scorer = bottle_model.scorer().eval()
+    bank = bottle_model.memory_bank
+    with torch.no_grad():
+        scores, maps = scorer(images)
+        features = patch_features(bottle_model.network, images, ("layer2", "layer3"), 3).flatten(1, 2)
+    for b in range(2):
+        distances = torch.cdist(features[b], bank)  # brute force, no chunks
+        patch_scores = distances.min(dim=1).values
+        worst = patch_scores.argmax()
+        m_star = bank[distances[worst].argmin()]
+        support = torch.cdist(m_star[None], bank)[0].argsort()[:9]
+        weights = torch.softmax(torch.cdist(features[b][worst][None], bank[support])[0], 0)
+        assert scores[b].item() == pytest.approx(((1 - weights[0]) * patch_scores[worst]).item(), rel=1e-4)
+    assert maps.shape == (2, 64, 64)
+
+
+def test_save_load_batch_of_one_and_grayscale(bottle_model, tmp_path, mvtec_root):
+    test = MVTecAD(mvtec_root, "bottle", "test", bottle_model.preprocessing)
+    images = torch.stack([test[i].image for i in range(3)])
+    scores, maps = bottle_model.predict(images)
+    loaded = load_model(bottle_model.save(tmp_path / "patchcore.pt"))
+    scores2, maps2 = loaded.predict(images)
+    assert torch.equal(scores, scores2) and torch.equal(maps, maps2)
+    one, one_map = loaded.predict(images[:1])
+    torch.testing.assert_close(one, scores[:1], rtol=1e-5, atol=1e-4)  # batch size changes conv kernels
+    torch.testing.assert_close(one_map, maps[:1], rtol=1e-5, atol=1e-4)
+    gray_scores, gray_maps = loaded.predict(images.mean(dim=1, keepdim=True))
+    assert gray_scores.shape == (3,) and gray_maps.shape == (3, 64, 64)
+
+
+def test_bad_weights_and_unfitted_model_are_named(tmp_path, tiny_mvtec):
+    model = build_model("patchcore", {"weights": str(tmp_path / "missing.pth")}, {"device": "cpu"},
+                        {"image_size": 64})
+    train = MVTecAD(tiny_mvtec, "widget", "train", model.preprocessing)
+    with pytest.raises(CheckpointError, match="weights file not found: .*missing.pth"):
+        model.fit(DataLoader(train, batch_size=4))
+    with pytest.raises(ConfigError, match="not fitted"):
+        model.predict(torch.zeros(1, 3, 64, 64))
+    with pytest.raises(ConfigError, match="coreset_ratio: 0.0"):
+        build_model("patchcore", {"coreset_ratio": 0.0})
+    with pytest.raises(ConfigError, match="layers: .'layer2', 'conv9'. must name stages"):
+        build_model("patchcore", {"layers": ["layer2", "conv9"]})
