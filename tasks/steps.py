@@ -11,6 +11,7 @@ from contextlib import chdir
 from pathlib import Path
 from typing import Any
 
+import torch
 from mlflow.tracking import MlflowClient
 from prefect import task
 
@@ -24,6 +25,9 @@ from anomaly_models.report import write_report
 from anomaly_models.runs import evaluate_model, train_model
 from tasks.registry import register_model_version
 from tasks.tracking import log_evaluation, log_history
+
+
+VISUAL_CHECK_IMAGES = 4
 
 
 @task(name="download", retries=2, retry_delay_seconds=10)
@@ -66,6 +70,13 @@ def evaluate(params: Params, checkpoint: Path, metrics_path: Path, plots_dir: Pa
     model = load_model(checkpoint)
     result = evaluate_model(model, params, metrics_path, plots_dir)
     files = write_report(model, result, plots_dir)  # curves, histogram, worst mistakes, report.html
+    if hasattr(model, "visual_check"):  # methods with a training picture worth looking at (ssae)
+        anomalous = [i for i, label in enumerate(result.predictions.labels) if label == 1][:VISUAL_CHECK_IMAGES]
+        samples = [result.test_set[i] for i in anomalous]
+        if samples:
+            files["visual_check"] = model.visual_check(
+                torch.stack([s.image for s in samples]), Path(plots_dir) / "visual_check.png",
+                torch.stack([s.mask for s in samples]))
     log_evaluation(run_id, result.metrics, [Path(metrics_path), *files.values()])
     return result.metrics
 

@@ -1,0 +1,244 @@
+"""The SSAE network (wide-receptive-field encoder-decoder with gated skips) and its training.
+
+Training (see `corruption.py`): each normal image x is corrupted into x~ on random regions and
+the network f learns f(x~) = x, and f(x) = x on the images left clean, with a plain squared error
+over all pixels (the papers' analysis of the L2 objective is what makes f a projection onto
+normal images). With `corruption.gaussian_noise_std` > 0 (the follow-up paper) one noise draw n
+is added to input and target alike, f(x~ + n) = x + n: the noise must be kept, not removed,
+which anchors the network's Jacobian at the identity away from the defects.
+
+Architecture choices that are ours (the papers publish no code):
+- stride-2 conv stages (Conv-BN-LeakyReLU, as `ae.py`) down to 1/2**num_downsamples resolution;
+- a bottleneck of residual 3x3 convolutions with dilation rates 1, 2, 4, ..., 32, so that at
+  256 px (64x64 bottleneck) every output pixel sees the whole image and can in-paint large
+  regions from their surroundings (rates wider than the bottleneck map act as 1x1 convolutions);
+- decoder stages (bilinear x2, conv) that merge the encoder feature of the same resolution through
+  a gated skip: a learned per-pixel convex combination g * skip + (1 - g) * decoder, with g
+  computed from both. No path copies the input to the output ungated: the gate, trained on
+  corrupted inputs with clean targets, learns to close where the input is corrupted (the
+  segmentation half of the task) and to pass detail where it is normal;
+- a linear output (images are normalised, as in `ae.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from anomaly_models.ae import ReconstructionScorer
+from anomaly_models.base import AnomalyModel, register_model
+from anomaly_models.errors import ConfigError
+from anomaly_models.scoring import ScoreReduction
+from anomaly_models.ssae.corruption import Corruption, CorruptionConfig, gaussian_noise
+from anomaly_models.training import resolve_device, run_epochs, seed_everything, seeded
+from anomaly_models.transforms import Preprocessing
+
+LEAKY_SLOPE = 0.2  # as ae.py
+
+
+@dataclass(frozen=True)
+class SSAEConfig:
+    base_channels: int = 32  # width at full resolution, doubled at each down-sampling
+    max_channels: int = 256
+    num_downsamples: int = 2  # bottleneck at 1/4 resolution; image size must divide by 2**this
+    dilation_rates: tuple[int, ...] = (1, 2, 4, 8, 16, 32)  # one residual block per rate
+    smoothing_sigma: float = 4.0  # Gaussian smoothing of the anomaly map, in pixels
+    score_reduction: ScoreReduction = "max"
+    top_k: int = 100  # pixels averaged when score_reduction is topk_mean
+    corruption: CorruptionConfig = CorruptionConfig()
+
+    def __post_init__(self):
+        if self.base_channels < 1 or self.max_channels < self.base_channels:
+            raise ConfigError(
+                "model.ssae.base_channels/max_channels: need 1 <= base_channels <= max_channels"
+            )
+        if self.num_downsamples < 1:
+            raise ConfigError(f"model.ssae.num_downsamples: expected >= 1, got {self.num_downsamples}")
+        if not self.dilation_rates or min(self.dilation_rates) < 1:
+            rates = list(self.dilation_rates)
+            raise ConfigError(f"model.ssae.dilation_rates: expected rates >= 1, got {rates}")
+
+    def widths(self) -> list[int]:
+        """Channels at full resolution, 1/2, ..., 1/2**num_downsamples."""
+        return [min(self.base_channels * 2**i, self.max_channels) for i in range(self.num_downsamples + 1)]
+
+
+def _conv(in_ch: int, out_ch: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=dilation, dilation=dilation, bias=False),
+        nn.BatchNorm2d(out_ch),
+        nn.LeakyReLU(LEAKY_SLOPE, inplace=True),
+    )
+
+
+class DilatedBlock(nn.Module):
+    """Residual 3x3 convolution with the given dilation: widens the receptive field cheaply."""
+
+    def __init__(self, channels: int, dilation: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=dilation, dilation=dilation, bias=False),
+            nn.BatchNorm2d(channels),
+        )
+        self.act = nn.LeakyReLU(LEAKY_SLOPE, inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x + self.body(x))
+
+
+class GatedSkip(nn.Module):
+    """g * skip + (1 - g) * decoder with g = sigmoid(conv([decoder, skip])), per pixel and channel."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.gate = nn.Conv2d(2 * channels, channels, 3, padding=1)
+
+    def forward(self, decoder: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        g = torch.sigmoid(self.gate(torch.cat([decoder, skip], dim=1)))
+        return g * skip + (1 - g) * decoder
+
+
+class UpStage(nn.Module):
+    """Bilinear x2, conv to the skip's width, gated merge with the skip, conv."""
+
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__()
+        self.up = nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+                                _conv(in_ch, out_ch))
+        self.skip = GatedSkip(out_ch)
+        self.fuse = _conv(out_ch, out_ch)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.fuse(self.skip(self.up(x), skip))
+
+
+class SSAENetwork(nn.Module):
+    """Image -> reconstruction; the export-ready network, no training logic."""
+
+    def __init__(self, channels: int, config: SSAEConfig):
+        super().__init__()
+        widths = config.widths()
+        self.stem = _conv(channels, widths[0])
+        self.down = nn.ModuleList(_conv(a, b, stride=2) for a, b in zip(widths, widths[1:]))
+        self.bottleneck = nn.Sequential(*(DilatedBlock(widths[-1], r) for r in config.dilation_rates))
+        self.up = nn.ModuleList(UpStage(a, b) for a, b in zip(widths[::-1], widths[::-1][1:]))
+        self.head = nn.Conv2d(widths[0], channels, 3, padding=1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.stem(images)
+        skips = [x]
+        for stage in self.down:
+            x = stage(x)
+            skips.append(x)
+        x = self.bottleneck(skips.pop())
+        for stage in self.up:
+            x = stage(x, skips.pop())
+        return self.head(x)
+
+
+@register_model
+class SelfSupervisedAutoencoder(AnomalyModel):
+    """SSAE: trained to repair corrupted normal images, scored by its reconstruction error."""
+
+    name = "ssae"
+    config_class = SSAEConfig
+
+    def __init__(self, config=None, train=None, preprocessing=None):
+        super().__init__(config, train, preprocessing)
+        with seeded(self.train_config.seed):
+            self.network = SSAENetwork(self.preprocessing.channels, self.config)
+
+    @classmethod
+    def default_preprocessing(cls, config: SSAEConfig) -> Preprocessing:
+        return Preprocessing(image_size=256)
+
+    def corruption(self) -> Corruption:
+        """The training corruption, drawing textures inside the preprocessing's pixel range."""
+        mean = torch.tensor(self.preprocessing.mean)
+        std = torch.tensor(self.preprocessing.std)
+        return Corruption(self.config.corruption, (0 - mean) / std, (1 - mean) / std)
+
+    def scorer(self) -> ReconstructionScorer:
+        c = self.config
+        return ReconstructionScorer(self.network, c.smoothing_sigma, c.score_reduction, c.top_k)
+
+    def fit(self, train_loader: DataLoader, val_loader: DataLoader | None = None) -> list[dict]:
+        self._check_size(self.preprocessing.output_size)
+        t = self.train_config
+        seed_everything(t.seed)
+        device = resolve_device(t.device)
+        self.network.to(device)
+        optimizer = torch.optim.AdamW(self.network.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(t.epochs, 1))
+        corrupt = self.corruption()
+        noise_std = self.config.corruption.gaussian_noise_std
+        first_param = next(self.network.parameters())
+        val_batches = [0]  # validation batches seen this epoch: the same corruptions every epoch
+
+        def step(images: torch.Tensor):
+            if self.network.training:
+                # Seeded by (seed, optimiser steps taken), so a resumed run corrupts identically.
+                done = optimizer.state.get(first_param, {}).get("step", 0)
+                generator = batch_generator(t.seed, 0, int(done))
+            else:
+                generator = batch_generator(t.seed, 1, val_batches[0])
+                val_batches[0] += 1
+            corrupted, changed = corrupt(images, generator)
+            target = images
+            if noise_std > 0:
+                noise = gaussian_noise(images, noise_std, generator)
+                corrupted, target = corrupted + noise, images + noise
+            loss = nn.functional.mse_loss(self.network(corrupted), target)
+            return loss, {"corrupted_fraction": changed.float().mean().item()}
+
+        def reset_validation(epoch: int, record: dict) -> None:
+            val_batches[0] = 0
+
+        self.history = run_epochs(
+            self.network, optimizer, step, train_loader, val_loader, t.epochs, device,
+            t.mixed_precision, scheduler=scheduler, on_epoch_end=reset_validation,
+            checkpoint=self.epoch_checkpoint, desc=self.name,
+        )
+        self.network.cpu().eval()
+        return self.history
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check_size(*images.shape[-2:])
+        scorer = self.scorer().eval()
+        device = next(self.network.parameters()).device
+        scores, maps = scorer(images.to(device))
+        return scores.cpu(), maps.cpu()
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        """f(images) in eval mode, on the network's device, returned on the CPU."""
+        self._check_size(*images.shape[-2:])
+        self.network.eval()
+        device = next(self.network.parameters()).device
+        return self.network(images.to(device)).cpu()
+
+    def visual_check(self, images: torch.Tensor, path, masks: torch.Tensor | None = None):
+        """Grid of input, corrupted input, repair, reconstruction, map and truth (see visual.py)."""
+        from anomaly_models.ssae.visual import save_visual_check
+
+        return save_visual_check(self, images, path, masks)
+
+    def _check_size(self, *sizes: int) -> None:
+        factor = 2**self.config.num_downsamples
+        for size in sizes:
+            if size % factor:
+                raise ConfigError(
+                    f"preprocessing.image_size: {size} is not divisible by {factor} "
+                    f"(2**model.{self.name}.num_downsamples)"
+                )
+
+
+def batch_generator(seed: int, stream: int, index: int) -> torch.Generator:
+    """A CPU generator for one batch of one stream (0 train, 1 validation), independent of others."""
+    state = np.random.SeedSequence([seed, stream, index]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))

@@ -1,0 +1,208 @@
+import dataclasses
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader
+
+from anomaly_models import build_model, load_model
+from anomaly_models.cli import main
+from anomaly_models.config import to_dict
+from anomaly_models.data import MVTecAD, Sample
+from anomaly_models.errors import ConfigError, DataError
+from anomaly_models.evaluation import evaluate, predict_dataset
+from anomaly_models.scoring import residual_map
+from anomaly_models.ssae import CorruptionConfig
+from anomaly_models.ssae.model import batch_generator
+from anomaly_models.ssae.visual import save_visual_check
+from anomaly_models.transforms import Preprocessing
+
+KINDS = ("patch", "texture", "color", "elastic")
+TINY = {"base_channels": 8, "dilation_rates": [1, 2, 4, 8]}
+
+
+@pytest.fixture
+def one_thread():
+    """These networks are tiny: on a shared 2-core machine one thread is several times faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def bottle_batch(mvtec_root):
+    """Four real bottle training images, preprocessed at 64 px."""
+    dataset = MVTecAD(mvtec_root, "bottle", "train", Preprocessing(image_size=64))
+    return torch.stack([dataset[i].image for i in range(4)])
+
+
+def smooth_images(n: int, size: int, seed: int) -> torch.Tensor:
+    """Synthetic normal images: linear ramps of random direction and brightness, in [-1, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    ys = torch.linspace(-1, 1, size).view(1, -1, 1)
+    xs = torch.linspace(-1, 1, size).view(1, 1, -1)
+    angle = torch.rand(n, 1, 1, generator=g) * 2 * math.pi
+    level = torch.rand(n, 1, 1, generator=g) - 0.5
+    ramps = (0.5 * (xs * torch.cos(angle) + ys * torch.sin(angle)) + level).clamp(-1, 1)
+    return ramps.unsqueeze(1).repeat(1, 3, 1, 1)
+
+
+def loader(images: torch.Tensor, batch_size: int = 16) -> DataLoader:
+    size = images.shape[-1]
+    samples = [Sample(image, 0, torch.zeros(size, size, dtype=torch.uint8), "synthetic", "good") for image in images]
+    return DataLoader(samples, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_corruption_changes_only_the_pixels_of_its_mask(kind, bottle_batch):
+    weights = {f"{k}_weight": float(k == kind) for k in KINDS}
+    model = build_model("ssae", config={"corruption": {"probability": 1.0, **weights}})
+    corrupt = model.corruption()
+    corrupted, mask = corrupt(bottle_batch, batch_generator(0, 0, 0))
+    assert mask.shape == (4, 64, 64) and mask.dtype == torch.bool
+    assert mask.flatten(1).any(dim=1).all()  # probability 1: every image got a defect
+    assert mask.float().mean() < 0.5  # regions, not the whole image
+    untouched = ~mask.unsqueeze(1).expand_as(bottle_batch)
+    assert torch.equal(corrupted[untouched], bottle_batch[untouched])  # bit-identical outside
+    assert ((corrupted - bottle_batch).abs().amax(dim=1) > 0).equal(mask)  # the mask is what changed
+    low, high = corrupt.low.view(1, -1, 1, 1), corrupt.high.view(1, -1, 1, 1)
+    assert (corrupted >= low - 1e-5).all() and (corrupted <= high + 1e-5).all()  # valid pixel values
+
+
+def test_corruption_is_seeded_and_respects_its_probability(bottle_batch):
+    corrupt = build_model("ssae").corruption()
+    first, mask = corrupt(bottle_batch, batch_generator(3, 0, 7))
+    again, mask_again = corrupt(bottle_batch, batch_generator(3, 0, 7))
+    other, _ = corrupt(bottle_batch, batch_generator(3, 0, 8))
+    assert torch.equal(first, again) and torch.equal(mask, mask_again)
+    assert not torch.equal(first, other)
+    clean = build_model("ssae", config={"corruption": {"probability": 0.0}}).corruption()
+    unchanged, none = clean(bottle_batch, batch_generator(3, 0, 7))
+    assert torch.equal(unchanged, bottle_batch) and not none.any()
+
+
+def test_corruption_works_on_grayscale_and_single_images():
+    model = build_model("ssae", config={"corruption": {"probability": 1.0}},
+                        preprocessing={"color_mode": "L", "mean": [0.5], "std": [0.5]})
+    images = smooth_images(1, 32, 0)[:, :1]
+    corrupted, mask = model.corruption()(images, batch_generator(0, 0, 0))
+    assert corrupted.shape == (1, 1, 32, 32) and mask.any()
+    assert torch.equal(corrupted[0, 0][~mask[0]], images[0, 0][~mask[0]])
+
+
+def test_bad_settings_name_the_key():
+    with pytest.raises(ConfigError, match="unknown key 'model.ssae.corruption.nope'"):
+        build_model("ssae", config={"corruption": {"nope": 1}})
+    with pytest.raises(ConfigError, match=r"model.ssae.corruption.region_size: expected \[min, max\]"):
+        build_model("ssae", config={"corruption": {"region_size": [0.5, 0.1]}})
+    with pytest.raises(ConfigError, match="model.ssae.corruption.patch_weight"):
+        build_model("ssae", config={"corruption": {f"{k}_weight": 0.0 for k in KINDS}})
+    with pytest.raises(ConfigError, match="image_size: 34 is not divisible by 4"):
+        build_model("ssae", preprocessing={"image_size": 32}).predict(torch.zeros(1, 3, 34, 34))
+
+
+def test_anomaly_map_is_the_smoothed_residual_of_the_ssae_reconstruction():
+    model = build_model("ssae", config={**TINY, "smoothing_sigma": 2.0}, preprocessing={"image_size": 32})
+    images = smooth_images(2, 32, 0)
+    scores, maps = model.predict(images)
+    assert torch.allclose(maps, residual_map(images, model.reconstruct(images), 2.0))
+    assert torch.allclose(scores, maps.flatten(1).amax(dim=1))
+    scorer = model.scorer()
+    scorer.network = nn.Identity()  # a perfect reconstruction through the SSAE scoring path
+    perfect_scores, perfect_maps = scorer(images)
+    assert perfect_maps.abs().max() == 0 and perfect_scores.abs().max() == 0
+
+
+def test_short_training_repairs_corrupted_regions_instead_of_copying_them(one_thread):
+    """The gated skips must not learn the identity: inside a corrupted region the output is
+    closer to the clean image than to the corrupted input it was given."""
+    model = build_model(
+        "ssae", config={**TINY, "corruption": {"probability": 1.0, "region_size": [0.2, 0.4]}},
+        train={"epochs": 15, "batch_size": 16, "lr": 3e-3, "device": "cpu"},
+        preprocessing={"image_size": 32},
+    )
+    history = model.fit(loader(smooth_images(64, 32, 0)))
+    assert history[-1]["train_loss"] < history[0]["train_loss"] / 3
+    assert 0 < history[-1]["train_corrupted_fraction"] < 0.5
+    clean = smooth_images(16, 32, 1)  # unseen normal images
+    corrupted, mask = model.corruption()(clean, batch_generator(5, 9, 0))
+    repaired = model.reconstruct(corrupted)
+    inside = mask.unsqueeze(1).expand_as(clean)
+    to_clean = (repaired - clean)[inside].pow(2).mean()
+    to_corrupted = (repaired - corrupted)[inside].pow(2).mean()
+    assert to_clean < 0.5 * to_corrupted, (to_clean, to_corrupted)
+
+
+def test_training_is_seeded_and_checkpoints_carry_the_corruption(tmp_path, one_thread):
+    config = {**TINY, "corruption": {"probability": 0.8, "gaussian_noise_std": 0.05, "max_regions": 2}}
+    train = {"epochs": 1, "batch_size": 8, "device": "cpu", "seed": 3}
+
+    def fitted():
+        model = build_model("ssae", config=config, train=train, preprocessing={"image_size": 32})
+        model.fit(loader(smooth_images(16, 32, 0), batch_size=8), loader(smooth_images(8, 32, 1), batch_size=8))
+        return model
+
+    model, twin = fitted(), fitted()
+    for (name, a), (_, b) in zip(model.network.state_dict().items(), twin.network.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert model.history[0]["val_loss"] == twin.history[0]["val_loss"]
+
+    images = smooth_images(3, 32, 2)
+    scores, maps = model.predict(images)
+    path = model.save(tmp_path / "ssae.pt")
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["config"]["corruption"] == to_dict(model.config.corruption)
+    assert checkpoint["config"]["corruption"]["gaussian_noise_std"] == 0.05
+    loaded = load_model(path)
+    assert loaded.config == model.config and isinstance(loaded.config.corruption, CorruptionConfig)
+    scores2, maps2 = loaded.predict(images)
+    assert torch.equal(scores, scores2) and torch.equal(maps, maps2)
+
+
+def test_visual_check_writes_a_grid_and_rejects_bad_masks(tmp_path, bottle_batch):
+    model = build_model("ssae", config=TINY, preprocessing={"image_size": 64})
+    masks = torch.zeros(4, 64, 64, dtype=torch.uint8)
+    masks[0, 10:20, 10:20] = 255
+    path = save_visual_check(model, bottle_batch, tmp_path / "grid.png", masks)
+    with Image.open(path) as picture:
+        width, height = picture.size
+    assert width > height  # 6 columns of 4 rows
+    save_visual_check(model, bottle_batch[:1], tmp_path / "no_truth.png")  # masks are optional
+    masks[1, 0, 0] = 128
+    with pytest.raises(DataError, match=r"masks: values must be 0/1 or 0/255, got \[0, 128, 255\]"):
+        save_visual_check(model, bottle_batch, tmp_path / "bad.png", masks)
+
+
+def test_cli_trains_without_test_folder_and_evaluates_on_real_bottle(tmp_path, tiny_mvtec, one_thread, capsys):
+    """End to end on real (downsized) bottle images; training must not read test/."""
+    hidden = tmp_path / "hidden_test"
+    shutil.move(tiny_mvtec / "widget" / "test", hidden)
+    model_path = tmp_path / "ssae.pt"
+    assert main([
+        "train", "--method", "ssae", "--data-root", str(tiny_mvtec), "--category", "widget",
+        "--out", str(model_path), "--epochs", "2", "--image-size", "64", "--batch-size", "4",
+        "--device", "cpu", "--set", "base_channels=8", "--set", "corruption={probability: 1.0}",
+    ]) == 0
+    shutil.move(hidden, tiny_mvtec / "widget" / "test")
+    model = load_model(model_path)
+    assert model.config.corruption.probability == 1.0 and len(model.history) == 2
+    assert np.isfinite(model.history[-1]["train_loss"])
+    metrics = evaluate(predict_dataset(model, MVTecAD(tiny_mvtec, "widget", "test", model.preprocessing), 4, "cpu"))
+    assert {"image_auroc", "pixel_auroc", "aupro", "f1_max"} <= set(metrics)
+    assert 0.0 <= metrics["pixel_auroc"] <= 1.0
+
+    shutil.rmtree(tiny_mvtec / "widget" / "test" / "broken_large")  # a test split without defects
+    assert main(["evaluate", "--model", str(model_path), "--data-root", str(tiny_mvtec), "--device", "cpu"]) == 2
+    assert "need both normal and anomalous images" in capsys.readouterr().err
+
+
+def test_config_defaults_follow_the_issue():
+    config = build_model("ssae").config
+    assert config.dilation_rates == (1, 2, 4, 8, 16, 32)
+    assert build_model("ssae").preprocessing.image_size == 256
+    assert dataclasses.asdict(config)["corruption"]["gaussian_noise_std"] == 0.0
