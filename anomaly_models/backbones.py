@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Literal, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torchvision
@@ -23,10 +23,10 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
+from anomaly_models.config import BackboneName  # noqa: F401  (re-exported: msc, patchcore)
 from anomaly_models.errors import CheckpointError, ConfigError
 from anomaly_models.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
-BackboneName = Literal["efficientnet_lite0", "resnet18", "resnet50", "resnet152"]
 STAGES = ("layer1", "layer2", "layer3", "layer4")  # strides 4, 8, 16, 32
 
 # EfficientNet-Lite's TF-style input normalisation (not ImageNet's mean/std).

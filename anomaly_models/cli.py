@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     library_log = logging.getLogger("anomaly_models")
     library_log.addHandler(handler)
     library_log.setLevel(logging.INFO)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports; errors still show
+        sys.stdout = open(os.devnull, "w")
+        library_log.setLevel(logging.WARNING)
     try:
         return args.handler(args)
     except AnomalyError as error:
@@ -52,6 +56,27 @@ def train(args: argparse.Namespace) -> int:
     last = result.model.history[-1] if result.model.history else {}
     summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k != "epoch")
     print(f"trained in {result.seconds:.1f} s ({summary}); saved {args.out}")
+    return 0
+
+
+def pretrain(args: argparse.Namespace) -> int:
+    from anomaly_models.pretrain import mark_disabled, pretrain_backbone
+
+    settings = {**_key_values(args.pretrain_set), **({"out": args.out} if args.out else {})}
+    params = _params(args, override={"pretrain": settings})
+    config = params.pretrain
+    if not config.enabled:
+        marker = mark_disabled(config.out)
+        print(f"pretrain.enabled is false: nothing trained (wrote {marker}); set it to true, "
+              "or pass --set enabled=true")
+        return 0
+    result = pretrain_backbone(config, params.data)
+    if result.skipped:
+        print(f"{result.path} is up to date (same settings and images); not retrained")
+        return 0
+    s = result.summary
+    print(f"pretrained {s['backbone']} on {len(s['classes'])} classes in {s['seconds']:.1f} s "
+          f"(val accuracy {s['val_accuracy']}); saved {result.path} and {result.sidecar}")
     return 0
 
 
@@ -192,8 +217,8 @@ def _table(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _params(args: argparse.Namespace, base: dict | None = None) -> Params:
-    """Params from (lowest first) `base`, the --params file and profile, then the flags given."""
+def _params(args: argparse.Namespace, base: dict | None = None, override: dict | None = None) -> Params:
+    """Params from (lowest first) `base`, the --params file and profile, the flags given, `override`."""
     raw: dict[str, Any] = dict(base or {})
     if args.params:
         raw = deep_merge(raw, to_dict(load_params(args.params, args.profile)))
@@ -206,7 +231,7 @@ def _params(args: argparse.Namespace, base: dict | None = None) -> Params:
         },
         "train": {
             key: getattr(args, key, None)
-            for key in ("epochs", "batch_size", "lr", "seed", "device")
+            for key in ("epochs", "batch_size", "lr", "seed", "device", "devices")
         },
         "evaluate": {"batch_size": getattr(args, "eval_batch_size", None)},
         "model": {"method": getattr(args, "method", None), "image_size": getattr(args, "image_size", None)},
@@ -218,7 +243,7 @@ def _params(args: argparse.Namespace, base: dict | None = None) -> Params:
     if method_options:
         method = raw.get("model", {}).get("method", ModelConfig.method)
         raw = deep_merge(raw, {"model": {method: method_options}})
-    return params_from_dict(raw, args.params or "command line")
+    return params_from_dict(deep_merge(raw, override or {}), args.params or "command line")
 
 
 def _model_section(model: dict) -> dict:
@@ -269,6 +294,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--image-size", type=int)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--devices", type=int, help="train on N devices (GPUs, or CPU processes), one process each "
+                   "under torchrun; train.batch_size is the global batch (default: train.devices, 1)")
     p.add_argument("--manifest", help="data manifest from `anomaly prepare` (records the data hash)")
     p.add_argument("--backbone", choices=["efficientnet_lite0", "resnet18", "resnet50", "resnet152"],
                    help="feature methods (msc, patchcore): the pretrained backbone")
@@ -279,6 +306,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="a method hyper-parameter, e.g. --set latent_channels=32 (repeatable)")
     _add_data_flags(p)
     p.set_defaults(handler=train)
+
+    p = commands.add_parser("pretrain", help="supervised backbone pretraining on a labelled dataset (pretrain:)")
+    p.add_argument("--out", help="weights file to write (default: pretrain.out, which weights: pretrained reads)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="pretrain_set",
+                   help="a pretrain setting, e.g. --set epochs=2 (repeatable)")
+    _add_data_flags(p)  # the anomaly task's data, which the pretraining must not be
+    p.set_defaults(handler=pretrain)
 
     p = commands.add_parser("evaluate", help="score the test split and write metrics.json")
     p.add_argument("--model", required=True, help="checkpoint written by `anomaly train`")

@@ -34,6 +34,11 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     mixed_precision: bool = True  # only takes effect on CUDA
     num_workers: int = 0
+    devices: int = 1  # > 1: one process per device under torchrun (anomaly_models/distributed.py)
+
+    def __post_init__(self):
+        if self.devices < 1:
+            raise ConfigError(f"train.devices: must be at least 1, got {self.devices}")
 
 
 @dataclass(frozen=True)
@@ -173,6 +178,54 @@ class SweepConfig:
     retries: int = 1  # a cell whose worker died is run again this many times
 
 
+BackboneName = Literal["efficientnet_lite0", "resnet18", "resnet50", "resnet152"]
+PRETRAINED = "pretrained"  # a method's `weights: pretrained` means the file `pretrain.out`
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Supervised pretraining of a backbone on a labelled class-folder dataset (anomaly_models/
+    pretrain.py), for users without ImageNet weights; never on the normal class's own data."""
+
+    enabled: bool = False
+    root: str | None = None  # labelled dataset <root>/train/<class>/*; its test/ is never read
+    classes: tuple[str, ...] | None = None  # None: every class folder
+    exclude_classes: tuple[str, ...] = ()
+    backbone: BackboneName = "resnet18"
+    image_size: int | None = None  # None: the backbone's input size (what MSC feeds it)
+    val_fraction: float = 0.1  # of each class's training images, held out for accuracy
+    max_images_per_class: int | None = None  # None: all; else a seeded subset of each class
+    epochs: int = 10
+    batch_size: int = 64
+    optimizer: Literal["sgd", "adamw"] = "adamw"
+    lr: float = 1e-3
+    momentum: float = 0.9  # sgd only
+    weight_decay: float = 0.01
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    crop_scale: tuple[float, ...] = (0.6, 1.0)  # RandomResizedCrop area range; [1, 1]: no crops
+    horizontal_flip: bool = False  # off: digits and text are not mirror-symmetric
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    mixed_precision: bool = True  # CUDA only
+    num_workers: int = 0
+    out: str = "models/backbone_pretrained.pth"  # the state dict; <out>.json describes it
+
+    def __post_init__(self):
+        if self.enabled and not self.root:
+            raise ConfigError("pretrain.root: set the labelled class-folder dataset to pretrain on")
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "image_size": self.image_size,
+                    "max_images_per_class": self.max_images_per_class}
+        for key, value in positive.items():
+            if value is not None and value < 1:
+                raise ConfigError(f"pretrain.{key}: must be at least 1, got {value}")
+        if self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.momentum < 1:
+            raise ConfigError("pretrain.lr must be > 0, pretrain.weight_decay >= 0, pretrain.momentum in [0, 1)")
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"pretrain.val_fraction: must be in [0, 1), got {self.val_fraction}")
+        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ConfigError(f"pretrain.crop_scale: expected [low, high] in (0, 1], got {list(self.crop_scale)}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Which method to train; `options` holds each method's own section, validated by the method."""
@@ -196,6 +249,7 @@ class Params:
     register: RegisterConfig = RegisterConfig()
     retrain: RetrainConfig = RetrainConfig()
     sweep: SweepConfig = SweepConfig()
+    pretrain: PretrainConfig = PretrainConfig()
 
     def registered_name(self) -> str:
         subject = self.data.category if self.data.dataset == "mvtec" else self.data.normal_class
@@ -243,7 +297,34 @@ def params_from_dict(raw: Mapping[str, Any], source: str = "params") -> Params:
     except ConfigError as error:
         raise ConfigError(f"{source}: {error}") from None
     options = {name: dict(section or {}) for name, section in model.items()}
+    try:
+        options = _resolve_pretrained(options, method, params.pretrain)
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {error}") from None
     return dataclasses.replace(params, model=ModelConfig(method, image_size, options))
+
+
+def _resolve_pretrained(options: dict[str, dict[str, Any]], method: str, pretrain: PretrainConfig) -> dict:
+    """`weights: pretrained` in a method section becomes the path `pretrain.out`, so checkpoints
+    record the file; the method being trained may use it only when the pretrain stage is enabled."""
+    resolved = {}
+    for name, section in options.items():
+        if section.get("weights") == PRETRAINED:
+            if pretrain.enabled:
+                section = {**section, "weights": pretrain.out}
+            elif name == method:
+                raise ConfigError(f"model.{name}.weights: {PRETRAINED!r} is the file pretrain.out, "
+                                  "but pretrain.enabled is false")
+        resolved[name] = section
+    return resolved
+
+
+def params_to_dict(params: Params) -> dict[str, Any]:
+    """Inverse of `params_from_dict`: a plain mapping in params.yaml's layout (method sections inline)."""
+    raw = to_dict(params)
+    model = raw.pop("model")
+    raw["model"] = {"method": model["method"], "image_size": model["image_size"], **model["options"]}
+    return raw
 
 
 def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:

@@ -7,21 +7,27 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from torch.utils.data import DataLoader
+import yaml
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from anomaly_models.base import AnomalyModel, load_model, model_from_params
-from anomaly_models.config import Params
+from anomaly_models.config import PROFILE_ENV, Params, TrainConfig, params_to_dict
 from anomaly_models.data import RecordDataset, build_dataset
+from anomaly_models.distributed import (
+    is_main_process, launch, launched_by_torchrun, per_process_batch, process_group, rank, world_size,
+)
 from anomaly_models.errors import AnomalyError, ConfigError
 from anomaly_models.evaluation import Predictions, evaluate, predict_dataset
 from anomaly_models.files import atomic_write_text
 from anomaly_models.thresholds import f1_threshold, fit_threshold
-from anomaly_models.training import EpochCheckpoint, TrainingDiverged, seed_everything
+from anomaly_models.training import EpochCheckpoint, TrainingDiverged, resolve_device, seed_everything
 
 
 @dataclass
@@ -46,7 +52,9 @@ def train_model(
     """Train the model `params` describes and save it to `out`.
 
     Each epoch's state goes to `<out>.partial`, so a killed run resumes; a finished model at
-    `out` with the same settings and data hash is reused instead of retrained.
+    `out` with the same settings and data hash is reused instead of retrained. With
+    `train.devices` > 1 the training runs in that many processes under torchrun; inside
+    torchrun every process trains its share and only rank 0 writes files.
     """
     out = Path(out)
     model = model_from_params(params)
@@ -54,16 +62,20 @@ def train_model(
         model.metadata["data_hash"] = data_hash
     if resume and _same_finished_model(out, model):
         return TrainResult(load_model(out), out, 0.0, skipped=True)
+    if model.train_config.devices > 1 and not launched_by_torchrun():
+        return _train_under_torchrun(params, out, resume, data_hash)
+    with process_group(resolve_device(model.train_config.device)):
+        return _fit_and_save(model, params, out, resume)
+
+
+def _fit_and_save(model: AnomalyModel, params: Params, out: Path, resume: bool) -> TrainResult:
     progress = EpochCheckpoint(f"{out}.partial", model.fingerprint())
     if resume:
         model.epoch_checkpoint = progress
     train_set = build_dataset(params.data, "train", model.preprocessing)
     val_set = build_dataset(params.data, "val", model.preprocessing)
     t = model.train_config
-    train_loader = DataLoader(
-        train_set, batch_size=t.batch_size, shuffle=True, generator=seed_everything(t.seed),
-        num_workers=t.num_workers, drop_last=len(train_set) > t.batch_size,
-    )
+    train_loader = training_loader(train_set, t)
     val_loader = DataLoader(val_set, batch_size=t.batch_size, num_workers=t.num_workers)
     print(f"training {model.name} on {len(train_set)} normal images ({len(val_set)} held out)")
     started = time.perf_counter()
@@ -73,10 +85,51 @@ def train_model(
         raise AnomalyError(f"training stopped: {error}") from None
     seconds = time.perf_counter() - started
     model.metadata["train_seconds"] = seconds
+    if not is_main_process():
+        return TrainResult(model, out, seconds, skipped=False)
     model.threshold = calibrate_threshold(model, params, val_set)
     model.save(out)
     progress.remove()
     return TrainResult(model, out, seconds, skipped=False)
+
+
+def training_loader(dataset: Dataset, t: TrainConfig) -> DataLoader:
+    """This process's share of shuffled global batches of `t.batch_size` images.
+
+    Several processes: one seeded order per epoch (run_epochs sets the epoch) that each process
+    takes its share of, so a global batch holds the images a DistributedSampler with one replica
+    would put in it. One process: a plain seeded shuffle (another order, the same batch size).
+    """
+    processes = world_size()
+    if processes == 1:
+        return DataLoader(dataset, batch_size=t.batch_size, shuffle=True, generator=seed_everything(t.seed),
+                          num_workers=t.num_workers, drop_last=len(dataset) > t.batch_size)
+    return DataLoader(
+        dataset, batch_size=per_process_batch(t.batch_size, processes),
+        sampler=DistributedSampler(dataset, processes, rank(), shuffle=True, seed=t.seed),
+        num_workers=t.num_workers, drop_last=len(dataset) > t.batch_size,
+    )
+
+
+def _train_under_torchrun(params: Params, out: Path, resume: bool, data_hash: str | None) -> TrainResult:
+    """`anomaly train` in `train.devices` processes under torchrun, reading these settings from a
+    temporary params file (and the data hash from a temporary manifest); returns what rank 0 saved."""
+    per_process_batch(params.train.batch_size, params.train.devices)  # fail before starting processes
+    with tempfile.TemporaryDirectory(prefix="anomaly-train-") as folder:
+        settings = Path(folder) / "params.yaml"
+        atomic_write_text(settings, yaml.safe_dump(params_to_dict(params), sort_keys=False))
+        argv = ["train", "--params", str(settings), "--out", str(out)]
+        if data_hash:
+            manifest = Path(folder) / "manifest.json"
+            atomic_write_text(manifest, json.dumps({"data_hash": data_hash}))
+            argv += ["--manifest", str(manifest)]
+        if not resume:
+            argv.append("--no-resume")
+        # The file holds the final settings: no profile ($ANOMALY_PROFILE) is laid over them again.
+        env = {key: value for key, value in os.environ.items() if key != PROFILE_ENV}
+        launch(argv, params.train.devices, env)
+    model = load_model(out)
+    return TrainResult(model, out, model.metadata["train_seconds"], skipped=False)
 
 
 def calibrate_threshold(model: AnomalyModel, params: Params, val_set: RecordDataset) -> dict | None:

@@ -3,7 +3,9 @@
 A method supplies `step(batch) -> loss` (and optionally extra per-batch statistics); this loop
 does the rest the same way for all: optimiser steps with optional CUDA mixed precision, a tqdm
 bar, validation loss on normal held-out images, one history dict per epoch, and a stop with the
-epoch and batch named when the loss turns NaN.
+epoch and batch named when the loss turns NaN. Under torchrun the same loop trains with
+DistributedDataParallel (anomaly_models/distributed.py): losses are summed over the processes, so
+the history is the one a single process would record, and only rank 0 writes the checkpoint.
 """
 
 from __future__ import annotations
@@ -18,15 +20,21 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
+from anomaly_models.distributed import data_parallel, is_main_process, sum_over_processes
 from anomaly_models.errors import ConfigError
 from anomaly_models.files import atomic_torch_save
 
 log = logging.getLogger(__name__)
 
-StepFn = Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
+StepFn = Callable[[Any], tuple[torch.Tensor, dict[str, float]]]
+
+
+def batch_images(batch: Any, device: torch.device) -> torch.Tensor:
+    """What `step` receives unless told otherwise: the batch's images on `device`."""
+    return batch.image.to(device, non_blocking=True)
 
 
 class EpochCheckpoint:
@@ -67,14 +75,14 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the message names the epoch and batch."""
 
 
-def resolve_device(spec: str) -> torch.device:
-    """'auto' picks CUDA when present; asking for CUDA without one is a config error."""
+def resolve_device(spec: str, key: str = "train.device") -> torch.device:
+    """'auto' picks CUDA when present; asking for CUDA without one is a config error (naming `key`)."""
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if spec == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device: 'cuda' requested but no CUDA device is available")
+        raise ConfigError(f"{key}: 'cuda' requested but no CUDA device is available")
     if spec not in ("cpu", "cuda"):
-        raise ConfigError(f"train.device: {spec!r} is not allowed (allowed: auto, cpu, cuda)")
+        raise ConfigError(f"{key}: {spec!r} is not allowed (allowed: auto, cpu, cuda)")
     return torch.device(spec)
 
 
@@ -115,8 +123,12 @@ def run_epochs(
     on_epoch_end: Callable[[int, dict], None] | None = None,
     checkpoint: EpochCheckpoint | None = None,
     desc: str = "train",
+    step_input: Callable[[Any, torch.device], Any] = batch_images,
 ) -> list[dict[str, float]]:
     """Train `module` for `epochs` epochs; `step` maps an image batch to (loss, extra stats).
+
+    `step_input` picks what `step` gets from each batch (default: the images; a supervised
+    step may take (images, labels)).
 
     With a `checkpoint`, the state after each epoch is saved and an interrupted run resumes
     from it; the returned history then covers all epochs, the resumed ones included.
@@ -126,34 +138,42 @@ def run_epochs(
     tracked = {"module": module, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
     # Restored tensors land on the devices of the existing parameters (torch's load_state_dict).
     start_epoch, history = checkpoint.restore(tracked) if checkpoint else (0, [])
+    train_step = data_parallel(module, step)  # after the restore: DDP copies rank 0's weights to all
+    sampler = getattr(train_loader, "sampler", None)
     for epoch in range(start_epoch, epochs):
         started = time.perf_counter()
+        if isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(epoch)  # a new order each epoch, the same on every process
         module.train()
         totals: dict[str, float] = {}
         count = 0
-        bar = tqdm(train_loader, desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False, disable=None)
+        bar = tqdm(train_loader, desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False,
+                   disable=None if is_main_process() else True)
         for batch_index, batch in enumerate(bar):
-            images = batch.image.to(device, non_blocking=True)
+            inputs = step_input(batch, device)
             with autocast(device, use_amp):
-                loss, stats = step(images)
-            if not torch.isfinite(loss):
+                loss, stats = train_step(inputs)
+            n = len(batch.image)
+            values = {"loss": loss.item(), **stats}
+            # Summed over the processes' shares of the batch: every process sees the global batch.
+            n, *sums = sum_over_processes([n, *(v * n for v in values.values())])
+            if not math.isfinite(sums[0]):
                 raise TrainingDiverged(
-                    f"loss is {loss.item()} at epoch {epoch + 1}, batch {batch_index + 1}"
+                    f"loss is {sums[0] / n} at epoch {epoch + 1}, batch {batch_index + 1}"
                 )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            n = images.shape[0]
             count += n
-            for key, value in {"loss": loss.item(), **stats}.items():
-                totals[key] = totals.get(key, 0.0) + value * n
+            for key, total in zip(values, sums):
+                totals[key] = totals.get(key, 0.0) + total
             bar.set_postfix(loss=f"{totals['loss'] / count:.4f}")
         if scheduler is not None:
             scheduler.step()
         record = {"epoch": epoch + 1, **{f"train_{k}": v / max(count, 1) for k, v in totals.items()}}
         if val_loader is not None and len(val_loader.dataset) > 0:
-            record["val_loss"] = evaluate_loss(module, step, val_loader, device)
+            record["val_loss"] = evaluate_loss(module, step, val_loader, device, step_input)
         record["seconds"] = time.perf_counter() - started
         history.append(record)
         log.info(
@@ -162,20 +182,22 @@ def run_epochs(
         )
         if on_epoch_end is not None:  # may add to `record`; runs before it is checkpointed
             on_epoch_end(epoch, record)
-        if checkpoint is not None:
+        if checkpoint is not None and is_main_process():
             checkpoint.save(epoch + 1, tracked, history)
     return history
 
 
 
 @torch.no_grad()
-def evaluate_loss(module: torch.nn.Module, step: StepFn, loader: DataLoader, device: torch.device) -> float:
+def evaluate_loss(
+    module: torch.nn.Module, step: StepFn, loader: DataLoader, device: torch.device,
+    step_input: Callable[[Any, torch.device], Any] = batch_images,
+) -> float:
     """Mean loss over a loader in eval mode (validation on held-out normal images)."""
     module.eval()
     total, count = 0.0, 0
     for batch in loader:
-        images = batch.image.to(device)
-        loss, _ = step(images)
-        total += loss.item() * images.shape[0]
-        count += images.shape[0]
+        loss, _ = step(step_input(batch, device))
+        total += loss.item() * len(batch.image)
+        count += len(batch.image)
     return total / count if count else math.nan

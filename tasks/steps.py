@@ -21,6 +21,7 @@ from anomaly_models.config import Params
 from anomaly_models.data.download import ensure_dataset
 from anomaly_models.data.inbox import InboxReport, ingest_inbox
 from anomaly_models.data.prepare import write_manifest
+from anomaly_models.pretrain import pretrain_backbone
 from anomaly_models.report import write_report
 from anomaly_models.runs import evaluate_model, train_model
 from tasks.registry import register_model_version
@@ -44,7 +45,13 @@ def prepare(params: Params, manifest_path: Path) -> dict[str, Any]:
 
 @task(name="pretrain")
 def pretrain(params: Params, out_dir: Path) -> str | None:
-    """Run the method's feature pretraining / fine-tuning stage, if it has one."""
+    """With `pretrain.enabled`, supervised backbone pretraining to `pretrain.out` (skipped when that
+    file is up to date); otherwise the method's own pretraining stage, if it has one."""
+    if params.pretrain.enabled:
+        result = pretrain_backbone(params.pretrain, params.data)
+        state = "up to date" if result.skipped else f"val accuracy {result.summary['val_accuracy']}"
+        print(f"pretrained backbone {result.path} ({state})")
+        return str(result.path)
     stage = getattr(MODELS[params.model.method], "pretrain", None)
     if stage is None:
         print(f"{params.model.method} has no pretrain stage")
