@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from anomaly_models.base import AnomalyModel, load_model, model_from_params
 from anomaly_models.config import PROFILE_ENV, Params, TrainConfig, params_to_dict
 from anomaly_models.data import RecordDataset, build_dataset
+from anomaly_models.data.prepare import content_hash
 from anomaly_models.distributed import (
     is_main_process, launch, launched_by_torchrun, per_process_batch, process_group, rank, world_size,
 )
@@ -165,6 +166,7 @@ def evaluate_model(
         method=model.name, dataset=data.dataset,
         subject=data.category if data.dataset == "mvtec" else data.normal_class,
         num_test_images=len(test_set), images_per_second=len(test_set) / seconds,
+        test_set_sha256=content_hash(test_set.records),
     )
     if out:
         atomic_write_text(out, json.dumps(metrics, indent=2) + "\n")

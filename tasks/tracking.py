@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 DEFAULT_STORE = Path("mlruns")
+PARAMS_PER_BATCH = 100  # MLflow's limits for one log_batch call
+METRICS_PER_BATCH = 1000
+TEST_SET_TAG = "test_set_sha256"  # also the key in the evaluation metrics (anomaly_models.runs)
 
 
 def configure(experiment: str) -> str:
@@ -74,27 +79,44 @@ def start_run(params, data_hash: str, run_name: str | None = None, tags: dict | 
         tags={"git_commit": git_commit(), "data_hash": data_hash, "method": params.model.method,
               **(tags or {})},
     )
-    for key, value in flatten("", to_dict(params)).items():
-        client.log_param(run.info.run_id, key, "null" if value is None else value)
+    logged = [
+        Param(key, str("null" if value is None else value))
+        for key, value in flatten("", to_dict(params)).items()
+    ]
+    for first in range(0, len(logged), PARAMS_PER_BATCH):  # one store call per batch, not per key
+        client.log_batch(run.info.run_id, params=logged[first:first + PARAMS_PER_BATCH])
     return run.info.run_id
 
 
 def log_history(run_id: str, history: list[dict], train_seconds: float | None) -> None:
     """Per-epoch losses and statistics as stepped metrics."""
-    client = MlflowClient()
-    for record in history:
-        for key, value in record.items():
-            if key != "epoch":
-                client.log_metric(run_id, key, float(value), step=int(record["epoch"]))
+    now = _milliseconds()
+    metrics = [
+        Metric(key, float(value), now, int(record["epoch"]))
+        for record in history for key, value in record.items() if key != "epoch"
+    ]
     if train_seconds is not None:
-        client.log_metric(run_id, "train_seconds", float(train_seconds))
+        metrics.append(Metric("train_seconds", float(train_seconds), now, 0))
+    _log_metrics(run_id, metrics)
 
 
 def log_evaluation(run_id: str, metrics: dict, files: list[Path]) -> None:
-    """Final metrics plus the metrics JSON, curves and overlays as artifacts."""
+    """Final metrics plus the metrics JSON, curves and overlays as artifacts; the test set's
+    content hash as a tag (the registry gate compares runs on equal test sets by it)."""
     client = MlflowClient()
-    for key, value in metrics.items():
-        if isinstance(value, float):
-            client.log_metric(run_id, key, value)
+    now = _milliseconds()
+    _log_metrics(run_id, [Metric(k, v, now, 0) for k, v in metrics.items() if isinstance(v, float)])
+    if metrics.get(TEST_SET_TAG):
+        client.set_tag(run_id, TEST_SET_TAG, metrics[TEST_SET_TAG])
     for path in files:
         client.log_artifact(run_id, str(path), "evaluation")
+
+
+def _log_metrics(run_id: str, metrics: list[Metric]) -> None:
+    client = MlflowClient()
+    for first in range(0, len(metrics), METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=metrics[first:first + METRICS_PER_BATCH])
+
+
+def _milliseconds() -> int:
+    return int(time.time() * 1000)

@@ -110,9 +110,22 @@ def test_worse_model_is_not_promoted(tmp_path, mvtec_root, mlflow_store):
 
     assert decision["challenger"] == pytest.approx(1 - first["metrics"]["image_auroc"])
     assert not decision["promoted"] and decision["champion_version"] == 1
+    # Same test set: the champion's logged number is the one compared.
+    assert decision["champion_source"] == "logged (same test set)"
+    assert decision["champion"] == pytest.approx(first["metrics"]["image_auroc"])
     client = MlflowClient()
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == "1"
     assert str(client.get_model_version_by_alias(NAME, "challenger").version) == "2"
+
+    # Another test set (one anomalous image fewer): the champion is scored again on it.
+    changed = tmp_path / "changed"
+    shutil.copytree(mvtec_root / "bottle", changed / "bottle")
+    sorted((changed / "bottle" / "test" / "broken_large").glob("*.png"))[0].unlink()
+    changed_params = load_params(write_params(tmp_path, changed))
+    changed_metrics = evaluate_model(worse, changed_params).metrics
+    decision = register_model_version(changed_params, worse_path, changed_metrics, start_run(changed_params, "test"))
+    assert decision["champion_source"] == "re-evaluated" and not decision["promoted"]
+    assert decision["champion"] == pytest.approx(evaluate_model(good, changed_params).metrics["image_auroc"])
 
 
 def test_failing_step_leaves_champion_and_model_untouched(tmp_path, mvtec_root, mlflow_store, tiny_mvtec):

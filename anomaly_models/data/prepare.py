@@ -60,10 +60,25 @@ def manifest_hash(manifest: dict[str, Any]) -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
+def content_hash(records) -> str:
+    """What a set of images is, wherever it lies (a DVC copy or the original folder): their
+    contents, masks and labels. Two evaluations with equal hashes scored the same test set."""
+    lines = sorted(
+        f"{entry['sha256']}\t{_member(entry['path'])}\t{entry.get('mask_sha256') or ''}\t{entry['label']}"
+        for entry in map(_entry, records)
+    )
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
 def write_manifest(config: DataConfig, path: str | Path) -> dict[str, Any]:
     manifest = build_manifest(config)
     atomic_write_text(path, json.dumps(manifest, indent=1) + "\n")
     return manifest
+
+
+def _member(path: str) -> str:
+    """The member name of an archive-backed image ('<archive>#<member>'), else ''."""
+    return path.split("#", 1)[1] if "#" in path else ""
 
 
 def _entry(record) -> dict[str, Any]:
