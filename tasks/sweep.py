@@ -1,7 +1,8 @@
 """One sweep cell as a Prefect task: train + evaluate one (method, subject, seed), as a child run.
 
 A cell is identified by a key over its params, its data hash and the code version; a cell whose
-key already has a finished MLflow run is not run again (its logged metrics are reused).
+key already has a finished MLflow run is not run again (its logged metrics are reused). Each cell's
+run is tagged with the Dask worker that ran it, to trace a cell to its machine.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 from pathlib import Path
 
 import torch
+from distributed import get_worker
 from mlflow.tracking import MlflowClient
 from prefect import task
 
@@ -52,7 +54,8 @@ def run_cell(params: Params, method: str, subject: str, seed: int, parent_run_id
         return {**row, **{m: metrics.get(m) for m in METRICS}, "status": "skipped", "run_id": done[0].info.run_id}
 
     run_id = start_run(params, data_hash, f"{method}-{subject}-seed{seed}",
-                       tags={"mlflow.parentRunId": parent_run_id, "cell_key": key})
+                       tags={"mlflow.parentRunId": parent_run_id, "cell_key": key,
+                             "dask_worker": get_worker().address})
     try:
         folder = Path(workdir) / "cells" / key[:16]
         trained = train_model(params, folder / "model.pt", data_hash=data_hash)

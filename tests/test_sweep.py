@@ -1,16 +1,67 @@
-"""The sweep on a real local Dask cluster: child runs, leaderboard, skipping, failures, bad address."""
+"""The sweep on real Dask clusters (local, and an external scheduler with workers started here): child
+runs, leaderboard, skipping, failures, bad address."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
+from distributed import Client
 from mlflow.tracking import MlflowClient
 
 from anomaly_models.errors import ConfigError
 from flows.sweep import leaderboard_from_mlflow, sweep
+
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER_START_SECONDS = 120  # scheduler + 2 workers importing dask on 2 busy cores
+# A worker stops at once on SIGTERM, but then its Prefect events service retries the sweep's
+# temporary (by then stopped) API while the interpreter exits; it is killed after this long.
+STOP_SECONDS = 5
+
+
+@pytest.fixture
+def external_cluster(tmp_path, mlflow_store):
+    """`dask scheduler` on a free 127.0.0.1 port and two `dask worker` processes (one thread, no
+    nanny), started as an operator would; the workers get the test's environment, so they share
+    its MLflow store, and the repository on their path. Yields a Client of the scheduler; the
+    processes' logs are in tmp_path."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+           "OMP_NUM_THREADS": "1"}
+    worker = [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1", "--no-nanny",
+              "--no-dashboard"]
+    commands = {"scheduler": [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                              "--port", str(port), "--no-dashboard"],
+                "worker-1": worker, "worker-2": worker}
+    processes = []
+    try:
+        for name, command in commands.items():
+            with open(tmp_path / f"{name}.log", "w") as log:
+                processes.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
+        with Client(address, timeout=f"{CLUSTER_START_SECONDS}s") as client:
+            client.wait_for_workers(2, timeout=CLUSTER_START_SECONDS)
+            yield client
+    finally:
+        for process in reversed(processes):  # workers first, then the scheduler
+            process.terminate()
+        deadline = time.monotonic() + STOP_SECONDS
+        for process in processes:
+            try:
+                process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 def _params(folder, root, subjects, **sweep):
@@ -53,6 +104,23 @@ def test_sweep_runs_every_cell_as_a_child_run_and_skips_them_on_rerun(tmp_path, 
     first = {(r["method"], r["subject"]): r["image_auroc"] for r in rows}
     for (method, subject), value in first.items():
         assert f"{method},{subject},0,{value}" in text
+
+
+def test_sweep_runs_its_cells_on_the_workers_of_an_external_scheduler(tmp_path, tiny_mvtec, external_cluster):
+    shutil.copytree(tiny_mvtec / "widget", tiny_mvtec / "gadget")
+    address = external_cluster.scheduler.address
+    params = _params(tmp_path, tiny_mvtec, ["widget", "gadget"], methods=["ae"], address=address)
+    result = sweep(str(params), None, str(tmp_path))
+    assert [r["status"] for r in result["rows"]] == ["finished", "finished"]
+    children = MlflowClient().search_runs(
+        [MlflowClient().get_experiment_by_name("anomaly-detection").experiment_id],
+        f"tags.mlflow.parentRunId = '{result['parent_run_id']}'")
+    assert {c.info.status for c in children} == {"FINISHED"}
+    # Each cell ran in one of the two external worker processes (not here, nor on a local cluster),
+    # and the scheduler gave each idle worker one cell.
+    workers = set(external_cluster.scheduler_info()["workers"])
+    assert len(workers) == 2
+    assert sorted(c.data.tags["dask_worker"] for c in children) == sorted(workers)
 
 
 def test_unreachable_cluster_fails_fast_naming_the_address(tmp_path, tiny_mvtec, mlflow_store):
