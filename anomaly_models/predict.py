@@ -26,6 +26,9 @@ from anomaly_models.thresholds import normalize
 from anomaly_models.training import resolve_device
 
 OVERLAY_ALPHA = 0.45  # weight of the heat map over the image
+# zlib level of the written PNGs: the default (6) takes ~3x longer than 1 for ~20 % smaller
+# overlays, and was most of the time of `anomaly predict`.
+PNG_COMPRESS_LEVEL = 1
 
 
 @dataclass
@@ -107,12 +110,13 @@ def _write_pictures(model: AnomalyModel, image: Image.Image, anomaly_map: torch.
     stem = f"{path.parent.name}_{path.stem}"
     overlay_path = out_dir / "overlays" / f"{stem}.png"
     overlay_path.parent.mkdir(exist_ok=True)
-    Image.fromarray((overlay * 255).astype(np.uint8)).save(overlay_path)
+    Image.fromarray((overlay * 255).astype(np.uint8)).save(overlay_path, compress_level=PNG_COMPRESS_LEVEL)
     result = {"overlay": str(overlay_path)}
     if model.threshold:
         mask_path = out_dir / "masks" / f"{stem}.png"
         mask_path.parent.mkdir(exist_ok=True)
-        Image.fromarray(((resized >= model.threshold["value"]) * 255).astype(np.uint8)).save(mask_path)
+        Image.fromarray(((resized >= model.threshold["value"]) * 255).astype(np.uint8)).save(
+            mask_path, compress_level=PNG_COMPRESS_LEVEL)
         result["mask"] = str(mask_path)
     return result
 

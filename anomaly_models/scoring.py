@@ -15,11 +15,22 @@ ScoreReduction = Literal["max", "topk_mean"]
 
 
 def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Gaussian blur of (B, H, W) maps; kernel spans +-4 sigma as in anomalib and scipy."""
+    """Gaussian blur of (B, H, W) maps; kernel spans +-4 sigma as in anomalib and scipy.
+
+    Done as two matrix products, columns then rows, with the blur of the identity (reflect borders
+    included): the same result as the 2-D convolution, but a one-channel 33x33 convolution costs as
+    much as half the autoencoder's forward pass on a CPU, the products a few percent of it.
+    """
     if sigma <= 0:
         return maps
     kernel = 2 * math.ceil(4 * sigma) + 1
-    return F.gaussian_blur(maps.unsqueeze(1), [kernel, kernel], [sigma, sigma]).squeeze(1)
+
+    def blur_matrix(size: int) -> torch.Tensor:  # row i: where pixel i's weight lands
+        identity = torch.eye(size, dtype=maps.dtype, device=maps.device)
+        return F.gaussian_blur(identity.unsqueeze(0), [kernel, 1], [sigma, sigma]).squeeze(0)
+
+    height, width = maps.shape[-2:]
+    return blur_matrix(height).T @ maps @ blur_matrix(width)
 
 
 def residual_map(images: torch.Tensor, reconstructions: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -120,7 +120,9 @@ def test_cli_trains_and_evaluates_on_real_bottle(tmp_path, mvtec_root, capsys):
 
     again = evaluate(predict_dataset(model, MVTecAD(mvtec_root, "bottle", "test", model.preprocessing), 8, "cpu"))
     assert again["image_auroc"] == pytest.approx(metrics["image_auroc"], abs=1e-9)
-    assert again["pixel_auroc"] == pytest.approx(metrics["pixel_auroc"], abs=1e-9)
+    # Batches of 8 here, 32 in the CLI: the convolutions round differently per batch size (last-bit
+    # map differences), which reorders a few of the ~1e10 pixel pairs.
+    assert again["pixel_auroc"] == pytest.approx(metrics["pixel_auroc"], abs=1e-7)
 
 
 def test_cli_bad_input_is_one_line_not_a_traceback(tmp_path, mvtec_root, capsys):
