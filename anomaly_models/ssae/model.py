@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 
 from anomaly_models.ae import ReconstructionScorer
 from anomaly_models.base import AnomalyModel, register_model
+from anomaly_models.distributed import rank
 from anomaly_models.errors import ConfigError
 from anomaly_models.scoring import ScoreReduction
 from anomaly_models.ssae.corruption import Corruption, CorruptionConfig, gaussian_noise
@@ -239,6 +240,8 @@ class SelfSupervisedAutoencoder(AnomalyModel):
 
 
 def batch_generator(seed: int, stream: int, index: int) -> torch.Generator:
-    """A CPU generator for one batch of one stream (0 train, 1 validation), independent of others."""
-    state = np.random.SeedSequence([seed, stream, index]).generate_state(1, dtype=np.uint64)[0]
+    """A CPU generator for one batch of one stream (0 train, 1 validation), independent of others;
+    under torchrun each process draws its own corruptions for its share of the batch."""
+    entropy = [seed, stream, index] + ([rank()] if rank() else [])  # rank 0: as a single process
+    state = np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(state))
