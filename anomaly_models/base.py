@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from anomaly_models.config import Params, TrainConfig, from_dict, to_dict
 from anomaly_models.errors import CheckpointError, ConfigError
-from anomaly_models.files import atomic_torch_save
+from anomaly_models.files import atomic_torch_save, weights_file_sha256
 from anomaly_models.training import EpochCheckpoint
 from anomaly_models.transforms import Preprocessing
 
@@ -61,7 +61,17 @@ class AnomalyModel(ABC):
             "preprocessing": self.preprocessing.to_dict(), "data": self.metadata.get("data"),
             "data_hash": self.metadata.get("data_hash"),
         }
+        # Methods starting from a weights file (msc, patchcore): its content as fitted, else as now.
+        weights = self.metadata.get("weights_sha256") or weights_file_sha256(getattr(self.config, "weights", None))
+        if weights:
+            identity["weights_sha256"] = weights
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+    def record_weights(self, weights: str) -> None:
+        """Keep the digest of the weights file a fit starts from: the fitted model's fingerprint."""
+        digest = weights_file_sha256(weights)
+        if digest:
+            self.metadata["weights_sha256"] = digest
 
     @classmethod
     def default_preprocessing(cls, config: Any) -> Preprocessing:

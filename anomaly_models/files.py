@@ -1,7 +1,9 @@
-"""Atomic writes: a temp file in the target's folder, then a rename, so a crash never leaves half a file."""
+"""Atomic writes (a temp file in the target's folder, then a rename, so a crash never leaves half a
+file) and file digests."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from contextlib import contextmanager
@@ -37,3 +39,20 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     with atomic_open(path) as file:
         file.write(text.encode())
     return Path(path)
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def weights_file_sha256(weights: str | None) -> str | None:
+    """sha256 of a weights file named by a method's `weights` setting; None for the named weights
+    (imagenet, none) or a file not there (yet). Part of a model's fingerprint, so a file rewritten
+    at the same path (e.g. by a re-run pretrain stage) never passes for the same training run."""
+    if weights in (None, "imagenet", "none") or not Path(weights).is_file():
+        return None
+    return file_sha256(weights)

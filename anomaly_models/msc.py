@@ -17,10 +17,8 @@ kNN score; the AUROC before and after fine-tuning is measured on the test split 
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -32,7 +30,6 @@ from anomaly_models.backbones import (
     Backbone, BackboneName, backbone_preprocessing, build_backbone, every_image, knn_search,
 )
 from anomaly_models.base import AnomalyModel, register_model
-from anomaly_models.data.prepare import file_sha256
 from anomaly_models.errors import ConfigError
 from anomaly_models.training import resolve_device, run_epochs, seed_everything, seeded
 from anomaly_models.transforms import Preprocessing
@@ -158,13 +155,6 @@ class MeanShiftedContrastive(AnomalyModel):
         self.center: torch.Tensor | None = None
         self.bank: torch.Tensor | None = None
 
-    def fingerprint(self) -> str:
-        """Also the weights file's content (as fitted, else as now): a file rewritten at the same
-        path, e.g. by a re-run pretrain stage, must not pass for the same training run."""
-        digest = self.metadata.get("weights_sha256") or _weights_digest(self.config.weights)
-        base = super().fingerprint()
-        return base if digest is None else hashlib.sha256(f"{base}:{digest}".encode()).hexdigest()
-
     @classmethod
     def default_preprocessing(cls, config: MSCConfig) -> Preprocessing:
         """The backbone's evaluation transform (Lite0, ResNet-18: 224 px; ResNet-50/152: 256 px
@@ -178,9 +168,7 @@ class MeanShiftedContrastive(AnomalyModel):
         device = resolve_device(t.device)
         started = time.perf_counter()
         self.network.backbone.load_pretrained(c.weights)
-        digest = _weights_digest(c.weights)
-        if digest is not None:
-            self.metadata["weights_sha256"] = digest
+        self.record_weights(c.weights)
         self.network.to(device)
         pretrained = self.embed_loader(every_image(train_loader), device)
         center = pretrained.mean(dim=0)
@@ -252,8 +240,3 @@ class MeanShiftedContrastive(AnomalyModel):
         self.center = self.center.to(device) if self.center is not None else None
         return self
 
-
-def _weights_digest(weights: str) -> str | None:
-    """sha256 of a weights file; None for the named weights (imagenet, none) or a missing file."""
-    path = Path(weights)
-    return file_sha256(path) if weights not in ("imagenet", "none") and path.is_file() else None

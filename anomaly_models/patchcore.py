@@ -159,6 +159,7 @@ class PatchCore(AnomalyModel):
         generator = seed_everything(t.seed)
         device = resolve_device(t.device)
         self.network.load_pretrained(c.weights)
+        self.record_weights(c.weights)
         self.network.to(device).eval()
         self.projection, collected = None, []
         for batch in every_image(train_loader):

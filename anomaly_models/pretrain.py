@@ -34,7 +34,7 @@ from anomaly_models.config import DataConfig, PretrainConfig, to_dict
 from anomaly_models.data import default_data_root
 from anomaly_models.data.common import ImageRecord, RecordDataset, check_folder, list_images, split_normal
 from anomaly_models.data.one_class import CIFAR10_CLASSES, resolve_class
-from anomaly_models.data.prepare import file_sha256
+from anomaly_models.files import file_sha256
 from anomaly_models.errors import AnomalyError, ConfigError, DataError
 from anomaly_models.files import atomic_torch_save, atomic_write_text
 from anomaly_models.training import (

@@ -16,7 +16,7 @@ from pathlib import Path
 from anomaly_models.config import DataConfig
 from anomaly_models.data import default_data_root
 from anomaly_models.data.common import list_images, load_image
-from anomaly_models.data.prepare import file_sha256
+from anomaly_models.files import file_sha256
 from anomaly_models.errors import DataError
 
 REJECTED = "rejected"

@@ -18,18 +18,10 @@ from tqdm.auto import tqdm
 from anomaly_models.config import DataConfig, to_dict
 from anomaly_models.data import build_dataset
 from anomaly_models.errors import DataError
-from anomaly_models.files import atomic_write_text
+from anomaly_models.files import atomic_write_text, file_sha256
 from anomaly_models.transforms import Preprocessing
 
 SPLITS = ("train", "val", "test")
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def build_manifest(config: DataConfig) -> dict[str, Any]:
