@@ -85,7 +85,7 @@ def evaluate(args: argparse.Namespace) -> int:
     from anomaly_models.runs import evaluate_model
 
     model = load_model(args.model)
-    params = _params(args, base={"data": model.metadata.get("data") or {}})
+    params = _params(args, base={"data": model.metadata.get("data") or {}, "model": {"method": model.name}})
     result = evaluate_model(model, params, args.out, args.plots, args.device or "auto")
     print(_table(result.metrics))
     return 0
@@ -126,7 +126,7 @@ def report(args: argparse.Namespace) -> int:
     from anomaly_models.runs import evaluate_model
 
     model = _resolve_model(args.model)
-    params = _params(args, base={"data": model.metadata.get("data") or {}})
+    params = _params(args, base={"data": model.metadata.get("data") or {}, "model": {"method": model.name}})
     result = evaluate_model(model, params, device=args.device or "auto")
     files = write_report(model, result, args.out)
     print(f"wrote {files['report']}")
@@ -267,7 +267,8 @@ def _add_data_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", help="params.yaml to read settings from (flags override it)")
     parser.add_argument("--profile", help="profile of the params file to overlay, e.g. test")
     group = parser.add_argument_group("data")
-    group.add_argument("--dataset", choices=["mvtec", "cifar10", "folder"])
+    group.add_argument("--dataset", choices=["mvtec", "cifar10", "folder", "video"],
+                       help="video: frame folders (UCSD Ped2 layout) as clips, for memae_video")
     group.add_argument(
         "--data-root",
         help="the dataset's folder (mvtec: holds category folders; cifar10: holds train/ + test/ "

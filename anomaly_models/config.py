@@ -45,14 +45,50 @@ class TrainConfig:
 class DataConfig:
     """Which images a run reads and how the normal training images are split."""
 
-    dataset: Literal["mvtec", "cifar10", "folder"] = "mvtec"
+    dataset: Literal["mvtec", "cifar10", "folder", "video"] = "mvtec"
     root: str | None = None  # None: $ANOMALY_DATA_DIR/<dataset>, then ../shared/data/<dataset>
     category: str = "bottle"  # MVTec-layout product folder
     normal_class: str = "airplane"  # one-class protocol: the class treated as normal
-    val_fraction: float = 0.1  # of the normal training images, held out for thresholds/selection
+    val_fraction: float = 0.1  # of the normal training images (video: whole videos), held out
     split_seed: int = 0
     on_bad_image: Literal["error", "skip"] = "error"
     cache_images: bool = True  # keep preprocessed tensors in memory between epochs
+    # video: a clip starts every this many frames (official MemAE: 1 for both); the clip length
+    # belongs to the model (model.memae_video.clip_length)
+    clip_stride_train: int = 1
+    clip_stride_test: int = 1
+
+    def __post_init__(self):
+        for key in ("clip_stride_train", "clip_stride_test"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"data.{key}: must be at least 1, got {getattr(self, key)}")
+        if self.dataset == "video" and self.on_bad_image == "skip":
+            raise ConfigError("data.on_bad_image: skip is not possible for video (a left-out frame "
+                              "would join frames that are not consecutive into a clip); use error")
+
+    @property
+    def subject(self) -> str:
+        """What a run is about: the MVTec category, the normal class, or the video dataset's folder."""
+        if self.dataset == "mvtec":
+            return self.category
+        if self.dataset == "video":
+            from anomaly_models.data import DATASET_FOLDERS  # the data package imports this module
+
+            return Path(self.root or DATASET_FOLDERS["video"]).name
+        return self.normal_class
+
+
+VIDEO_METHODS = ("memae_video",)  # the methods that take clips, and so need data.dataset: video
+
+
+def check_method_dataset(method: str, dataset: str) -> None:
+    """Clip models read only video data and image models only image data; fail naming both keys."""
+    if method in VIDEO_METHODS and dataset != "video":
+        raise ConfigError(f"model.method {method!r} reads video clips: set data.dataset: video "
+                          f"(got data.dataset {dataset!r})")
+    if dataset == "video" and method not in VIDEO_METHODS:
+        raise ConfigError(f"data.dataset 'video' gives clips, which only model.method "
+                          f"{' / '.join(VIDEO_METHODS)} reads (got model.method {method!r})")
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any] | None, path: str = "") -> T:
@@ -153,7 +189,9 @@ class RegisterConfig:
     model_name: str | None = None  # None: "<method>-<dataset>-<category or normal class>"
     # Gate: the challenger becomes champion only if strictly better on this metric, on the same
     # test set (ties keep the champion); the first model registered becomes champion.
-    gate_metric: Literal["image_auroc", "pixel_auroc", "aupro", "f1_max", "pixel_f1_max"] = "image_auroc"
+    # frame_auc: video data only, the official per-video normalised frame-level AUC
+    gate_metric: Literal["image_auroc", "pixel_auroc", "aupro", "f1_max", "pixel_f1_max", "frame_auc"] = \
+        "image_auroc"
 
 
 @dataclass(frozen=True)
@@ -252,8 +290,7 @@ class Params:
     pretrain: PretrainConfig = PretrainConfig()
 
     def registered_name(self) -> str:
-        subject = self.data.category if self.data.dataset == "mvtec" else self.data.normal_class
-        return self.register.model_name or f"{self.model.method}-{self.data.dataset}-{subject}"
+        return self.register.model_name or f"{self.model.method}-{self.data.dataset}-{self.data.subject}"
 
 
 PROFILE_ENV = "ANOMALY_PROFILE"
@@ -299,6 +336,7 @@ def params_from_dict(raw: Mapping[str, Any], source: str = "params") -> Params:
     options = {name: dict(section or {}) for name, section in model.items()}
     try:
         options = _resolve_pretrained(options, method, params.pretrain)
+        check_method_dataset(method, params.data.dataset)
     except ConfigError as error:
         raise ConfigError(f"{source}: {error}") from None
     return dataclasses.replace(params, model=ModelConfig(method, image_size, options))

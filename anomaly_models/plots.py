@@ -59,7 +59,10 @@ def plot_examples(
     figure, axes = plt.subplots(2, len(indices), figsize=(2.2 * max(len(indices), 2), 4.6), squeeze=False)
     low, high = np.percentile(predictions.maps, [1, 99.9])
     for column, index in enumerate(indices):
-        image = dataset.preprocessing.denormalize(dataset[int(index)].image).permute(1, 2, 0).numpy()
+        image = dataset[int(index)].image
+        if image.ndim == 4:  # a video clip (C, T, H, W): its centre frame is the one scored
+            image = image[:, image.shape[1] // 2]
+        image = dataset.preprocessing.denormalize(image).permute(1, 2, 0).numpy()
         image = image.squeeze(-1) if image.shape[-1] == 1 else image
         cmap = "gray" if image.ndim == 2 else None
         axes[0, column].imshow(image, cmap=cmap)

@@ -18,7 +18,9 @@ import yaml
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from anomaly_models.base import AnomalyModel, load_model, model_from_params
-from anomaly_models.config import PROFILE_ENV, Params, TrainConfig, params_to_dict
+from anomaly_models.config import (
+    PROFILE_ENV, DataConfig, Params, TrainConfig, check_method_dataset, params_to_dict,
+)
 from anomaly_models.data import RecordDataset, build_dataset
 from anomaly_models.data.prepare import content_hash
 from anomaly_models.distributed import (
@@ -27,6 +29,7 @@ from anomaly_models.distributed import (
 from anomaly_models.errors import AnomalyError, ConfigError
 from anomaly_models.evaluation import Predictions, evaluate, predict_dataset
 from anomaly_models.files import atomic_write_text
+from anomaly_models.memae import frame_level_auc
 from anomaly_models.thresholds import f1_threshold, fit_threshold
 from anomaly_models.training import EpochCheckpoint, TrainingDiverged, resolve_device, seed_everything
 
@@ -73,8 +76,8 @@ def _fit_and_save(model: AnomalyModel, params: Params, out: Path, resume: bool) 
     progress = EpochCheckpoint(f"{out}.partial", model.fingerprint())
     if resume:
         model.epoch_checkpoint = progress
-    train_set = build_dataset(params.data, "train", model.preprocessing)
-    val_set = build_dataset(params.data, "val", model.preprocessing)
+    train_set = model_dataset(model, params.data, "train")
+    val_set = model_dataset(model, params.data, "val")
     t = model.train_config
     train_loader = training_loader(train_set, t)
     val_loader = DataLoader(val_set, batch_size=t.batch_size, num_workers=t.num_workers)
@@ -143,7 +146,7 @@ def calibrate_threshold(model: AnomalyModel, params: Params, val_set: RecordData
             raise ConfigError("evaluate.threshold_rule f1 needs evaluate.labelled_val_root (a labelled "
                               "validation folder in the dataset's layout, not the test data)")
         labelled_config = dataclasses.replace(params.data, root=e.labelled_val_root)
-        labelled = predict_dataset(model, build_dataset(labelled_config, "test", model.preprocessing),
+        labelled = predict_dataset(model, model_dataset(model, labelled_config, "test"),
                                    e.batch_size, params.train.device)
         return f1_threshold(labelled.labels, labelled.scores, normal)
     if normal is None:
@@ -157,16 +160,20 @@ def evaluate_model(
 ) -> EvaluationResult:
     """Score the fixed test split; write metrics JSON and plots when asked."""
     data = params.data
-    test_set = build_dataset(data, "test", model.preprocessing)
+    check_method_dataset(model.name, data.dataset)
+    test_set = model_dataset(model, data, "test")
     started = time.perf_counter()
     predictions = predict_dataset(model, test_set, params.evaluate.batch_size, device)
     seconds = time.perf_counter() - started
     metrics: dict[str, Any] = evaluate(predictions, params.evaluate.fpr_limit)
+    video = data.dataset == "video"
+    if video:  # image_auroc stays the AUC of the raw clip errors, pooled over videos
+        metrics["frame_auc"] = frame_level_auc(predictions.scores, predictions.labels, test_set.clip_videos)
     metrics.update(
-        method=model.name, dataset=data.dataset,
-        subject=data.category if data.dataset == "mvtec" else data.normal_class,
+        method=model.name, dataset=data.dataset, subject=data.subject,
         num_test_images=len(test_set), images_per_second=len(test_set) / seconds,
-        test_set_sha256=content_hash(test_set.records),
+        # video: the scored frames, so runs with other clip strides are not compared by the gate
+        test_set_sha256=content_hash(test_set.scored_records if video else test_set.records),
     )
     if out:
         atomic_write_text(out, json.dumps(metrics, indent=2) + "\n")
@@ -179,6 +186,11 @@ def evaluate_model(
         if overlays:
             written["overlays"] = overlays
     return EvaluationResult(metrics, predictions, test_set, written)
+
+
+def model_dataset(model: AnomalyModel, data: DataConfig, split: str) -> RecordDataset:
+    """`build_dataset` for this model: a video model reads clips of its own clip_length."""
+    return build_dataset(data, split, model.preprocessing, getattr(model.config, "clip_length", None))
 
 
 def _same_finished_model(path: Path, model: AnomalyModel) -> bool:

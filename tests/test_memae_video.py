@@ -1,5 +1,6 @@
 """MemAE for video: the frame-folder dataset on the bundled UCSD Ped2 frames, official scoring, a real fit."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -9,7 +10,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from anomaly_models import build_model
-from anomaly_models.data import default_data_root
+from anomaly_models.cli import main
+from anomaly_models.config import DataConfig, load_params, params_from_dict
+from anomaly_models.data import build_dataset, default_data_root
 from anomaly_models.errors import ConfigError, DataError
 from anomaly_models.memae import (
     VideoFrameDataset,
@@ -23,7 +26,7 @@ from anomaly_models.metrics import image_auroc
 
 @pytest.fixture(scope="session")
 def ped2_root() -> Path:
-    root = default_data_root("folder") / "ucsd_ped2"
+    root = default_data_root("video")
     assert (root / "test" / "Test001").is_dir(), f"bundled UCSD Ped2 data missing under {root}"
     return root
 
@@ -92,3 +95,50 @@ def test_video_memae_fits_and_scores_real_ped2_clips(ped2_root):
     metrics = evaluate_video(model, test, batch_size=8, device="cpu")
     assert 0.0 <= metrics["frame_auc"] <= 1.0 and metrics["pixel_auroc"] is not None
     assert metrics["num_frames"] == len(test) == 2 * 28
+
+
+def test_build_dataset_gives_clips_of_the_models_length_with_the_configured_strides(ped2_root):
+    config = DataConfig(dataset="video", clip_stride_train=50, clip_stride_test=40, val_fraction=0.2)
+    test = build_dataset(config, "test", video_preprocessing(32), clip_length=8)
+    assert isinstance(test, VideoFrameDataset) and test.clip_length == 8
+    assert len(test) == 5 * 5  # 180 frames per test video: clips start at frames 0, 40, ..., 160
+    assert test[1].image.shape == (1, 8, 32, 32) and test[1].path.endswith("Test001/045.jpg")
+    assert len(test.records) == 5 * 180 and test.labels.sum() > 0  # records: every frame (data manifests)
+    assert [r.path for r in test.scored_records] == [test[i].path for i in range(len(test))]  # centre frames
+    train = build_dataset(config, "train", video_preprocessing(32))  # no length given: the official 16
+    val = build_dataset(config, "val", video_preprocessing(32))
+    assert train[0].image.shape == (1, 16, 32, 32) and train.labels.sum() == 0
+    assert train.clips[1] - train.clips[0] == 50 and train.clip_videos[0] == train.clip_videos[1]
+    assert set(train.clip_videos).isdisjoint(val.clip_videos)
+    assert len({*train.clip_videos, *val.clip_videos}) == 6  # whole videos held out
+    assert DataConfig(dataset="video").subject == "ucsd_ped2"
+
+
+def test_video_profile_trains_and_evaluates_through_the_cli(tmp_path, ped2_root):
+    params = load_params("params.yaml", "video")
+    assert (params.model.method, params.data.dataset, params.register.gate_metric) == (
+        "memae_video", "video", "frame_auc")
+    assert params.registered_name() == "memae_video-video-ucsd_ped2"
+    model_path, metrics_path = tmp_path / "memae_video.pt", tmp_path / "metrics.json"
+    tiny = ["--image-size", "32", "--set", "widths=[4, 8, 8, 8]", "--set", "memory_size=50",
+            "--set", "shrink_threshold=1.0"]
+    assert main(["train", "--params", "params.yaml", "--profile", "video", "--out", str(model_path),
+                 "--epochs", "1", "--device", "cpu", *tiny]) == 0
+    assert main(["evaluate", "--model", str(model_path), "--params", "params.yaml", "--profile", "video",
+                 "--out", str(metrics_path), "--device", "cpu"]) == 0
+    metrics = json.loads(metrics_path.read_text())
+    assert 0.0 <= metrics["frame_auc"] <= 1.0 and 0.0 <= metrics["image_auroc"] <= 1.0
+    assert metrics["subject"] == "ucsd_ped2" and metrics["num_test_images"] == 5 * len(range(0, 165, 4))
+    model = torch.load(model_path, weights_only=False)
+    assert model["threshold"]["num_normal"] > 0  # calibrated on the held-out normal video's clips
+
+
+def test_video_data_and_video_method_only_go_together(tmp_path, capsys):
+    with pytest.raises(ConfigError, match=r"model.method 'memae_video' .* set data.dataset: video"):
+        params_from_dict({"model": {"method": "memae_video"}})
+    with pytest.raises(ConfigError, match=r"data.dataset 'video' .* \(got model.method 'ae'\)"):
+        params_from_dict({"data": {"dataset": "video"}})
+    with pytest.raises(ConfigError, match="data.clip_stride_test: must be at least 1"):
+        params_from_dict({"data": {"dataset": "video", "clip_stride_test": 0}})
+    assert main(["train", "--method", "ae", "--dataset", "video", "--out", str(tmp_path / "m.pt")]) == 2
+    assert "data.dataset 'video'" in capsys.readouterr().err

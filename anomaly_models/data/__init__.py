@@ -19,7 +19,7 @@ __all__ = [
 
 DATA_DIR_ENV = "ANOMALY_DATA_DIR"
 # Sub-folder of the data directory that holds each dataset (the layout of ../shared/data).
-DATASET_FOLDERS = {"mvtec": "mvtec_ad", "cifar10": "cifar10", "folder": "."}
+DATASET_FOLDERS = {"mvtec": "mvtec_ad", "cifar10": "cifar10", "folder": ".", "video": "ucsd_ped2"}
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -39,8 +39,14 @@ def default_data_root(dataset: str) -> Path:
     )
 
 
-def build_dataset(config: DataConfig, split: str, preprocessing: Preprocessing) -> RecordDataset:
-    """The dataset named by `config`, for one split, transformed with a model's preprocessing."""
+def build_dataset(
+    config: DataConfig, split: str, preprocessing: Preprocessing, clip_length: int | None = None
+) -> RecordDataset:
+    """The dataset named by `config`, for one split, transformed with a model's preprocessing.
+
+    Video data gives clips of `clip_length` frames (the model's; None: VideoFrameDataset's default),
+    a VideoFrameDataset, which offers what runs use of a RecordDataset (records, labels, has_masks).
+    """
     root = Path(config.root) if config.root else default_data_root(config.dataset)
     common = dict(
         split=split, preprocessing=preprocessing, val_fraction=config.val_fraction,
@@ -52,4 +58,11 @@ def build_dataset(config: DataConfig, split: str, preprocessing: Preprocessing) 
         return OneClassCIFAR10(root, config.normal_class, **common)
     if config.dataset == "folder":
         return OneClassImageFolder(root, config.normal_class, **common)
+    if config.dataset == "video":
+        from anomaly_models.memae.video_data import VideoFrameDataset  # memae imports this package
+
+        stride = config.clip_stride_test if split == "test" else config.clip_stride_train
+        length = {} if clip_length is None else {"clip_length": clip_length}
+        return VideoFrameDataset(root, split, preprocessing, stride=stride, val_fraction=config.val_fraction,
+                                 seed=config.split_seed, cache=config.cache_images, **length)
     raise DataError(f"unknown dataset {config.dataset!r} (allowed: {', '.join(DATASET_FOLDERS)})")

@@ -113,10 +113,24 @@ class VideoFrameDataset(Dataset):
         return Sample(torch.stack(frames, dim=1), centre.label, centre.mask, centre.path, centre.defect_type)
 
     @property
+    def records(self) -> list[ImageRecord]:
+        """Every frame of the split (scored or not), for data manifests and test-set hashes."""
+        return self.frames.records
+
+    def unreadable(self) -> dict[str, str]:
+        """{path: reason} for each frame or mask that cannot be decoded (the `prepare` check)."""
+        return self.frames.unreadable()
+
+    @property
+    def scored_records(self) -> list[ImageRecord]:
+        """The centre frame of each clip: the frames the metrics are over (test-set hashes)."""
+        offset = self.clip_length // 2
+        return [self.frames.records[i + offset] for i in self.clips]
+
+    @property
     def labels(self) -> np.ndarray:
         """Label of each clip (of its centre frame)."""
-        offset = self.clip_length // 2
-        return np.array([self.frames.records[i + offset].label for i in self.clips], dtype=np.int64)
+        return np.array([r.label for r in self.scored_records], dtype=np.int64)
 
 
 def _frame_key(stem: str) -> int | str:
