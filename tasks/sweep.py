@@ -55,7 +55,7 @@ def run_cell(params: Params, method: str, subject: str, seed: int, parent_run_id
 
     run_id = start_run(params, data_hash, f"{method}-{subject}-seed{seed}",
                        tags={"mlflow.parentRunId": parent_run_id, "cell_key": key,
-                             "dask_worker": get_worker().address})
+                             "dask_worker": _worker_address()})
     try:
         folder = Path(workdir) / "cells" / key[:16]
         trained = train_model(params, folder / "model.pt", data_hash=data_hash)
@@ -68,3 +68,11 @@ def run_cell(params: Params, method: str, subject: str, seed: int, parent_run_id
         raise
     client.set_terminated(run_id, "FINISHED")
     return {**row, **{m: result.metrics.get(m) for m in METRICS}, "status": "finished", "run_id": run_id}
+
+
+def _worker_address() -> str:
+    """The Dask worker running this cell ('none' when called outside Dask, e.g. bench/sweep.py)."""
+    try:
+        return get_worker().address
+    except ValueError:  # distributed: "No worker found"
+        return "none"
