@@ -18,6 +18,7 @@ from pathlib import Path
 
 os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # workers inherit it; quiet clusters
 
+import dask
 from mlflow.tracking import MlflowClient
 from prefect import flow
 from prefect_dask import DaskTaskRunner
@@ -70,6 +71,12 @@ def task_runner(params: Params) -> DaskTaskRunner:
             raise ConfigError(f"sweep.address: cannot reach the Dask scheduler at {sweep.address} ({error})") from None
         return DaskTaskRunner(address=sweep.address)
     workers = sweep.n_workers or max(1, (os.cpu_count() or 1) // sweep.threads_per_worker)
+    # Dask's nanny also sets MALLOC_TRIM_THRESHOLD_ in its workers, which makes glibc map and unmap
+    # torch's large short-lived tensors on every step: training measured 2.4x slower. Keep only
+    # the thread limits (the same number torch uses in a cell).
+    threads = sweep.threads_per_worker
+    dask.config.set({"distributed.nanny.pre-spawn-environ": {
+        name: threads for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}})
     return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": sweep.threads_per_worker,
                                           "processes": True, "dashboard_address": None})
 
