@@ -32,11 +32,12 @@ from torchvision.transforms import v2
 from anomaly_models.backbones import Backbone, backbone_preprocessing, build_backbone, to_three_channels
 from anomaly_models.config import DataConfig, PretrainConfig, to_dict
 from anomaly_models.data import default_data_root
-from anomaly_models.data.common import ImageRecord, RecordDataset, check_folder, list_images, split_normal
+from anomaly_models.data.common import (
+    ImageRecord, RecordDataset, check_folder, class_folders, list_images, split_normal,
+)
 from anomaly_models.data.one_class import CIFAR10_CLASSES, resolve_class
-from anomaly_models.files import file_sha256
 from anomaly_models.errors import AnomalyError, ConfigError, DataError
-from anomaly_models.files import atomic_torch_save, atomic_write_text
+from anomaly_models.files import atomic_torch_save, atomic_write_text, file_sha256
 from anomaly_models.training import (
     EpochCheckpoint, TrainingDiverged, resolve_device, run_epochs, seed_everything, seeded,
 )
@@ -102,7 +103,7 @@ def labelled_data(config: PretrainConfig) -> LabelledData:
     """The chosen classes' training images, split per class into train and val; `test/` is never read."""
     train_dir = check_folder(Path(config.root) / "train", "pretrain.root: class-folder training set",
                              "expected <root>/train/<class>/ image folders")
-    found = sorted(d.name for d in train_dir.iterdir() if d.is_dir())
+    found = class_folders(train_dir)
     for key, names in (("classes", config.classes or ()), ("exclude_classes", config.exclude_classes)):
         unknown = [n for n in names if n not in found]
         if unknown:
@@ -141,8 +142,7 @@ def check_not_task_data(config: PretrainConfig, classes: tuple[str, ...], data: 
     if data.dataset == "mvtec":
         normal = MVTEC_NORMAL
     else:  # a name, or an index into the task's classes (all class folders, as one_class.py reads them)
-        names = CIFAR10_CLASSES if data.dataset == "cifar10" else tuple(
-            sorted(d.name for d in (task_root / "train").iterdir() if d.is_dir()))
+        names = CIFAR10_CLASSES if data.dataset == "cifar10" else class_folders(task_root / "train")
         try:
             normal = resolve_class(data.normal_class, names)
         except DataError:

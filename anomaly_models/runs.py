@@ -166,14 +166,12 @@ def evaluate_model(
     predictions = predict_dataset(model, test_set, params.evaluate.batch_size, device)
     seconds = time.perf_counter() - started
     metrics: dict[str, Any] = evaluate(predictions, params.evaluate.fpr_limit)
-    video = data.dataset == "video"
-    if video:  # image_auroc stays the AUC of the raw clip errors, pooled over videos
+    if data.dataset == "video":  # image_auroc stays the AUC of the raw clip errors, pooled over videos
         metrics["frame_auc"] = frame_level_auc(predictions.scores, predictions.labels, test_set.clip_videos)
     metrics.update(
         method=model.name, dataset=data.dataset, subject=data.subject,
         num_test_images=len(test_set), images_per_second=len(test_set) / seconds,
-        # video: the scored frames, so runs with other clip strides are not compared by the gate
-        test_set_sha256=content_hash(test_set.scored_records if video else test_set.records),
+        test_set_sha256=content_hash(test_set.scored_records),
     )
     if out:
         atomic_write_text(out, json.dumps(metrics, indent=2) + "\n")

@@ -46,6 +46,11 @@ class ImageRecord:
     pixels: np.ndarray | None = None
 
 
+def class_folders(folder: Path) -> tuple[str, ...]:
+    """The class names of a class-folder layout: the sub-folders of `folder`, sorted."""
+    return tuple(sorted(d.name for d in folder.iterdir() if d.is_dir()))
+
+
 def list_images(folder: Path) -> list[Path]:
     """Image files directly in `folder`, sorted so that splits are reproducible."""
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
@@ -120,6 +125,11 @@ class RecordDataset(Dataset):
     @property
     def labels(self) -> np.ndarray:
         return np.array([r.label for r in self.records], dtype=np.int64)
+
+    @property
+    def scored_records(self) -> list[ImageRecord]:
+        """The images the metrics are over (every one; a clip dataset scores one frame per clip)."""
+        return self.records
 
     @staticmethod
     def _image(record: ImageRecord) -> Image.Image:

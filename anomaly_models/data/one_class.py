@@ -18,7 +18,9 @@ from typing import Literal
 
 import numpy as np
 
-from anomaly_models.data.common import ImageRecord, RecordDataset, check_folder, list_images, split_normal
+from anomaly_models.data.common import (
+    ImageRecord, RecordDataset, check_folder, class_folders, list_images, split_normal,
+)
 from anomaly_models.errors import DataError
 from anomaly_models.transforms import Preprocessing
 
@@ -83,7 +85,7 @@ class OneClassImageFolder(OneClassDataset):
     ):
         root = Path(root)
         train_dir = check_folder(root / "train", "class-folder training set")
-        classes = classes or tuple(sorted(d.name for d in train_dir.iterdir() if d.is_dir()))
+        classes = classes or class_folders(train_dir)
         super().__init__(
             _folder_records(train_dir, classes),
             _folder_records(check_folder(root / "test", "class-folder test set"), classes)
