@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 
 from anomaly_models.config import BackboneName  # noqa: F401  (re-exported: msc, patchcore)
 from anomaly_models.errors import CheckpointError, ConfigError
+from anomaly_models.files import read_torch_file
 from anomaly_models.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")  # strides 4, 8, 16, 32
@@ -192,12 +193,7 @@ def build_backbone(name: str, weights: str = "none") -> Backbone:
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from a .pth file (tensors only, no code runs); errors name the file."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"weights file not found: {path} (weights: imagenet, none or a .pth path)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for a damaged or foreign file
-        raise CheckpointError(f"cannot read weights file {path}: {error}") from None
+    state = read_torch_file(path, "weights file", " (weights: imagenet, none or a .pth path)")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"weights file {path} does not hold a state dict of tensors")
     return state

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from anomaly_models.config import Params, TrainConfig, from_dict, to_dict
 from anomaly_models.errors import CheckpointError, ConfigError
-from anomaly_models.files import atomic_torch_save, weights_file_sha256
+from anomaly_models.files import atomic_torch_save, read_torch_file, weights_file_sha256
 from anomaly_models.training import EpochCheckpoint
 from anomaly_models.transforms import Preprocessing
 
@@ -164,12 +164,7 @@ def build_model(
 def load_model(path: str | Path) -> AnomalyModel:
     """Load any method's checkpoint; the method is read from the file."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for a damaged or foreign file
-        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from None
+    checkpoint = read_torch_file(path, "checkpoint")
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a checkpoint of this project (format {CHECKPOINT_FORMAT})")
     method = checkpoint.get("method")

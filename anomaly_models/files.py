@@ -12,6 +12,8 @@ from typing import Any, BinaryIO, Iterator
 
 import torch
 
+from anomaly_models.errors import CheckpointError
+
 
 @contextmanager
 def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
@@ -39,6 +41,19 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     with atomic_open(path) as file:
         file.write(text.encode())
     return Path(path)
+
+
+def read_torch_file(path: str | Path, what: str, missing_hint: str = "") -> Any:
+    """torch.load of tensors only (no code runs); a missing, damaged or foreign file is one error
+    line naming it (torch's own message is many lines about weights_only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} not found: {path}{missing_hint}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # torch raises many types for a damaged or foreign file
+        raise CheckpointError(f"cannot read {what} {path}: damaged, or not written by torch.save "
+                              "with tensors only") from None
 
 
 def file_sha256(path: str | Path) -> str:
