@@ -38,6 +38,7 @@ class AnomalyModel(ABC):
 
     name: ClassVar[str]
     config_class: ClassVar[type]  # dataclass of the method's hyper-parameters
+    reads: ClassVar[str] = "images"  # or "clips": the datasets it takes (DatasetKind.gives)
 
     def __init__(
         self,

@@ -9,6 +9,7 @@ Bad input ends with one line naming the file or key and exit code 2, not a trace
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -192,18 +193,29 @@ def prepare(args: argparse.Namespace) -> int:
 
 def download(args: argparse.Namespace) -> int:
     from anomaly_models.data import default_data_root
-    from anomaly_models.data.download import copy_dataset, download_dataset
+    from anomaly_models.data.download import copy_dataset, download_dataset, materialise_dataset
 
+    if args.params:  # the project's data folder for params.yaml's dataset (the DVC stage, the flow)
+        if not args.data_root:
+            raise ConfigError("download --params needs --data-root (the folder to fill, e.g. data/mvtec)")
+        data = load_params(args.params, args.profile).data  # its data.root is the source to copy from
+        if args.category:
+            data = dataclasses.replace(data, category=args.category)
+        folder = materialise_dataset(data, args.data_root)
+        print(f"{data.dataset} {data.subject} ready in {folder}")
+        return 0
+    if not args.dataset:
+        raise ConfigError("download: name a dataset (mvtec, cifar10) or pass --params params.yaml")
     root = Path(args.data_root) if args.data_root else default_data_root(args.dataset)
-    sub = args.category if args.dataset == "mvtec" and args.category else None
+    sub = args.category or "."  # a category's folder, or the whole dataset
     mirror = args.mirror
     if mirror == "auto":
         candidate = default_data_root(args.dataset)
         mirror = candidate if candidate.resolve() != root.resolve() and candidate.is_dir() else None
     if mirror:
-        folder = copy_dataset(Path(mirror) / sub if sub else Path(mirror), root / sub if sub else root)
+        folder = copy_dataset(Path(mirror) / sub, root / sub)
     else:
-        folder = download_dataset(args.dataset, root, category=sub)
+        folder = download_dataset(args.dataset, root, category=args.category)
     print(f"{args.dataset} ready in {folder}")
     return 0
 
@@ -267,7 +279,9 @@ def _add_data_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", help="params.yaml to read settings from (flags override it)")
     parser.add_argument("--profile", help="profile of the params file to overlay, e.g. test")
     group = parser.add_argument_group("data")
-    group.add_argument("--dataset", choices=["mvtec", "cifar10", "folder", "video"],
+    from anomaly_models import DATASETS
+
+    group.add_argument("--dataset", choices=sorted(DATASETS),
                        help="video: frame folders (UCSD Ped2 layout) as clips, for memae_video")
     group.add_argument(
         "--data-root",
@@ -281,7 +295,8 @@ def _add_data_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from anomaly_models import available_models
+    from anomaly_models import DATASETS, available_models
+    from anomaly_models.data.download import SOURCES
 
     parser = argparse.ArgumentParser(prog="anomaly", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
@@ -373,9 +388,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="leaderboard", help="folder for the leaderboard files")
     p.set_defaults(handler=leaderboard)
 
-    p = commands.add_parser("download", help="fetch a dataset from its official source (checksummed)")
-    p.add_argument("dataset", choices=["mvtec", "cifar10"])
-    p.add_argument("--category", help="mvtec: one category (default: the whole dataset)")
+    p = commands.add_parser("download", help="fetch a dataset from its official source (checksummed), or "
+                            "fill the project's data folder for --params")
+    p.add_argument("dataset", nargs="?", choices=sorted(SOURCES), help="without --params: the dataset to fetch")
+    p.add_argument("--params", help="params.yaml: copy (or fetch) the data it reads into --data-root")
+    p.add_argument("--profile", help="profile of the params file to overlay")
+    p.add_argument("--category", help="mvtec: one category (default: the whole dataset, or params')")
     p.add_argument("--data-root", help="folder to download into (default: the dataset's data root)")
     p.add_argument("--mirror", help="copy from this local folder of the same layout instead of the "
                    "internet; 'auto': the default data root ($ANOMALY_DATA_DIR or ../shared/data) if present")

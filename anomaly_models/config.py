@@ -17,7 +17,7 @@ from typing import Any, Literal, Mapping, TypeVar
 
 import yaml
 
-from anomaly_models.errors import ConfigError
+from anomaly_models.errors import AnomalyError, ConfigError
 
 T = TypeVar("T")
 
@@ -45,10 +45,11 @@ class TrainConfig:
 class DataConfig:
     """Which images a run reads and how the normal training images are split."""
 
-    dataset: Literal["mvtec", "cifar10", "folder", "video"] = "mvtec"
+    dataset: str = "mvtec"  # a kind of anomaly_models/data/kinds.py: mvtec | cifar10 | folder | video
     root: str | None = None  # None: $ANOMALY_DATA_DIR/<dataset>, then ../shared/data/<dataset>
     category: str = "bottle"  # MVTec-layout product folder
     normal_class: str = "airplane"  # one-class protocol: the class treated as normal
+    video_set: str = "ucsd_ped2"  # video: the video dataset's name (its default folder; names runs)
     val_fraction: float = 0.1  # of the normal training images (video: whole videos), held out
     split_seed: int = 0
     on_bad_image: Literal["error", "skip"] = "error"
@@ -62,33 +63,37 @@ class DataConfig:
         for key in ("clip_stride_train", "clip_stride_test"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"data.{key}: must be at least 1, got {getattr(self, key)}")
-        if self.dataset == "video" and self.on_bad_image == "skip":
-            raise ConfigError("data.on_bad_image: skip is not possible for video (a left-out frame "
-                              "would join frames that are not consecutive into a clip); use error")
+        self.kind.check(self)
+
+    @property
+    def kind(self):
+        """This dataset's kind (anomaly_models/data/kinds.py): layout, subject, fetching."""
+        from anomaly_models.data.kinds import dataset_kind  # the data package imports this module
+
+        try:
+            return dataset_kind(self.dataset)
+        except AnomalyError as error:
+            raise ConfigError(f"data.dataset: {error}") from None
 
     @property
     def subject(self) -> str:
-        """What a run is about: the MVTec category, the normal class, or the video dataset's folder."""
-        if self.dataset == "mvtec":
-            return self.category
-        if self.dataset == "video":
-            from anomaly_models.data import DATASET_FOLDERS  # the data package imports this module
-
-            return Path(self.root or DATASET_FOLDERS["video"]).name
-        return self.normal_class
-
-
-VIDEO_METHODS = ("memae_video",)  # the methods that take clips, and so need data.dataset: video
+        """What a run is about: the MVTec category, the normal class, or the video dataset."""
+        return self.kind.subject(self)
 
 
 def check_method_dataset(method: str, dataset: str) -> None:
-    """Clip models read only video data and image models only image data; fail naming both keys."""
-    if method in VIDEO_METHODS and dataset != "video":
-        raise ConfigError(f"model.method {method!r} reads video clips: set data.dataset: video "
-                          f"(got data.dataset {dataset!r})")
-    if dataset == "video" and method not in VIDEO_METHODS:
-        raise ConfigError(f"data.dataset 'video' gives clips, which only model.method "
-                          f"{' / '.join(VIDEO_METHODS)} reads (got model.method {method!r})")
+    """Clip models read only clip datasets and image models only image data; fail naming both keys."""
+    from anomaly_models import DATASETS, MODELS, dataset_kind  # registries, filled when the package is imported
+
+    if method not in MODELS:
+        return  # an unknown method is reported where the model is built, with the allowed names
+    takes, gives = MODELS[method].reads, dataset_kind(dataset).gives
+    if takes != gives:
+        datasets = sorted(name for name, kind in DATASETS.items() if kind.gives == takes)
+        methods = sorted(name for name, cls in MODELS.items() if cls.reads == gives)
+        raise ConfigError(f"model.method {method!r} reads {takes}, which data.dataset {dataset!r} does not "
+                          f"give: set data.dataset: {' / '.join(datasets)} (or model.method "
+                          f"{' / '.join(methods)}, which read {gives})")
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any] | None, path: str = "") -> T:

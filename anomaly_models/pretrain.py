@@ -31,11 +31,10 @@ from torchvision.transforms import v2
 
 from anomaly_models.backbones import Backbone, backbone_preprocessing, build_backbone, to_three_channels
 from anomaly_models.config import DataConfig, PretrainConfig, to_dict
-from anomaly_models.data import default_data_root
+from anomaly_models.data import data_root
 from anomaly_models.data.common import (
     ImageRecord, RecordDataset, check_folder, class_folders, list_images, split_normal,
 )
-from anomaly_models.data.one_class import CIFAR10_CLASSES, resolve_class
 from anomaly_models.errors import AnomalyError, ConfigError, DataError
 from anomaly_models.files import atomic_torch_save, atomic_write_text, file_sha256
 from anomaly_models.training import (
@@ -44,7 +43,6 @@ from anomaly_models.training import (
 from anomaly_models.transforms import Preprocessing
 
 log = logging.getLogger(__name__)
-MVTEC_NORMAL = "good"  # the normal class folder of an MVTec-layout category
 
 
 @dataclass(frozen=True)
@@ -132,21 +130,16 @@ def labelled_data(config: PretrainConfig) -> LabelledData:
 def check_not_task_data(config: PretrainConfig, classes: tuple[str, ...], data: DataConfig) -> None:
     """Refuse to pretrain on the anomaly task's own dataset when that includes its normal class."""
     try:
-        task_root = Path(data.root) if data.root else default_data_root(data.dataset)
+        root = data_root(data)
     except DataError:  # no anomaly data configured on this machine: nothing to overlap with
         return
-    if data.dataset == "mvtec":
-        task_root = task_root / data.category
+    task_root = root / data.kind.subject_folder(data)
     if Path(config.root).resolve() != task_root.resolve():
         return
-    if data.dataset == "mvtec":
-        normal = MVTEC_NORMAL
-    else:  # a name, or an index into the task's classes (all class folders, as one_class.py reads them)
-        names = CIFAR10_CLASSES if data.dataset == "cifar10" else class_folders(task_root / "train")
-        try:
-            normal = resolve_class(data.normal_class, names)
-        except DataError:
-            normal = str(data.normal_class)
+    try:  # the folder name of its normal training images: MVTec's 'good', or the normal class
+        normal = data.kind.normal_train_folder(root, data).name
+    except DataError:
+        normal = str(data.normal_class)
     if normal in classes:
         raise ConfigError(
             f"pretrain.root: {config.root} is the anomaly task's own data and the pretraining classes "

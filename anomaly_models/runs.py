@@ -29,7 +29,6 @@ from anomaly_models.distributed import (
 from anomaly_models.errors import AnomalyError, ConfigError
 from anomaly_models.evaluation import Predictions, evaluate, predict_dataset
 from anomaly_models.files import atomic_write_text
-from anomaly_models.memae import frame_level_auc
 from anomaly_models.thresholds import f1_threshold, fit_threshold
 from anomaly_models.training import EpochCheckpoint, TrainingDiverged, resolve_device, seed_everything
 
@@ -166,8 +165,7 @@ def evaluate_model(
     predictions = predict_dataset(model, test_set, params.evaluate.batch_size, device)
     seconds = time.perf_counter() - started
     metrics: dict[str, Any] = evaluate(predictions, params.evaluate.fpr_limit)
-    if data.dataset == "video":  # image_auroc stays the AUC of the raw clip errors, pooled over videos
-        metrics["frame_auc"] = frame_level_auc(predictions.scores, predictions.labels, test_set.clip_videos)
+    metrics.update(data.kind.protocol_metrics(predictions, test_set))
     metrics.update(
         method=model.name, dataset=data.dataset, subject=data.subject,
         num_test_images=len(test_set), images_per_second=len(test_set) / seconds,

@@ -26,7 +26,7 @@ from tasks.tracking import configure, git_commit, log_evaluation, log_history, s
 
 def cell_params(params: Params, method: str, subject: str, seed: int) -> Params:
     """`params` with one cell's method, subject (category or normal class) and seed."""
-    subject_key = "category" if params.data.dataset == "mvtec" else "normal_class"
+    subject_key = params.data.kind.subject_key
     return dataclasses.replace(
         params,
         data=dataclasses.replace(params.data, **{subject_key: subject}),

@@ -136,7 +136,7 @@ def test_video_profile_trains_and_evaluates_through_the_cli(tmp_path, ped2_root)
 def test_video_data_and_video_method_only_go_together(tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"model.method 'memae_video' .* set data.dataset: video"):
         params_from_dict({"model": {"method": "memae_video"}})
-    with pytest.raises(ConfigError, match=r"data.dataset 'video' .* \(got model.method 'ae'\)"):
+    with pytest.raises(ConfigError, match=r"model.method 'ae' reads images, which data.dataset 'video' .* model.method memae_video"):
         params_from_dict({"data": {"dataset": "video"}})
     with pytest.raises(ConfigError, match="data.clip_stride_test: must be at least 1"):
         params_from_dict({"data": {"dataset": "video", "clip_stride_test": 0}})

@@ -366,20 +366,12 @@ def download_dataset(
 
 def ensure_dataset(config) -> Path:
     """The folder `config` (a DataConfig) reads, downloaded first if it is not there yet."""
-    from anomaly_models.data import default_data_root
+    from anomaly_models.data import data_root
 
-    root = Path(config.root) if config.root else default_data_root(config.dataset)
-    if config.dataset == "mvtec":
-        if (root / config.category).is_dir():
-            return root / config.category
-        return download_dataset("mvtec", root, category=config.category)
-    if config.dataset == "cifar10":
-        if (root / "train").is_dir() or (root / "cifar-10-batches-py").is_dir():
-            return root
-        return download_dataset("cifar10", root)
-    if not (root / "train").is_dir():
-        raise DataError(f"no class folders in {root} and no official source to download them from")
-    return root
+    root, kind = data_root(config), config.kind
+    if not kind.is_present(root, config):
+        kind.fetch(root, config)
+    return root / kind.subject_folder(config)
 
 
 def copy_dataset(source: str | os.PathLike, target: str | os.PathLike) -> Path:
@@ -400,4 +392,29 @@ def copy_dataset(source: str | os.PathLike, target: str | os.PathLike) -> Path:
         os.replace(temp / "copy", target)
     finally:
         shutil.rmtree(temp, ignore_errors=True)
+    return target
+
+
+def materialise_dataset(config, target: str | os.PathLike) -> Path:
+    """Fill the project's own, DVC-tracked copy `target` (data/<dataset>) of what `config` reads.
+
+    Every door (the flow, `dvc repro`, scheduled and retrain runs) reads this one folder, so they
+    all see the same data version. It is copied from the configured source (data.root,
+    $ANOMALY_DATA_DIR, ../shared/data) when that holds the data, else fetched from the official
+    source. A folder already there is kept as it is: it may hold images added by retraining.
+    """
+    from anomaly_models.data import data_root
+
+    target, kind = Path(target), config.kind
+    if kind.is_present(target, config):
+        return target
+    try:
+        source = data_root(config)
+    except DataError:  # no data directory on this machine: the official download is the source
+        source = None
+    sub = kind.subject_folder(config)
+    if source is not None and source.resolve() != target.resolve() and kind.is_present(source, config):
+        copy_dataset(source / sub, target / sub)
+    else:
+        kind.fetch(target, config)
     return target

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from anomaly_models.config import DataConfig
-from anomaly_models.data import default_data_root
+from anomaly_models.data import data_root
 from anomaly_models.data.common import list_images, load_image
 from anomaly_models.files import file_sha256
 from anomaly_models.errors import DataError
@@ -30,12 +30,7 @@ class InboxReport:
 
 def normal_train_folder(config: DataConfig) -> Path:
     """The folder holding the normal training images that `config` reads."""
-    root = Path(config.root) if config.root else default_data_root(config.dataset)
-    if config.dataset == "mvtec":
-        return root / config.category / "train" / "good"
-    if (root / "train" / config.normal_class).is_dir():
-        return root / "train" / config.normal_class
-    raise DataError(f"cannot add images to {root}: only class-folder layouts take new images")
+    return config.kind.normal_train_folder(data_root(config), config)
 
 
 def ingest_inbox(inbox: str | Path, config: DataConfig, known_hashes: set[str]) -> InboxReport:

@@ -24,6 +24,7 @@ from anomaly_models.data.common import (
     list_images,
     split_normal,
 )
+from anomaly_models.data.kinds import DatasetKind, register_dataset
 from anomaly_models.errors import DataError
 from anomaly_models.transforms import Preprocessing
 
@@ -100,3 +101,27 @@ def _find_mask(folder: Path, stem: str) -> str:
 def _available(root: Path) -> str:
     names = sorted(d.name for d in root.iterdir() if (d / "train" / NORMAL).is_dir())
     return f"available categories: {', '.join(names) or 'none'}"
+
+
+@register_dataset
+class MVTecKind(DatasetKind):
+    """`<root>/<category>/...`: a run reads one category folder, fetched per category."""
+
+    name = "mvtec"
+    folder = "mvtec_ad"
+    subject_key = "category"
+
+    def subject_folder(self, config) -> str:
+        return config.category
+
+    def build(self, root, config, split, preprocessing, clip_length=None) -> MVTecAD:
+        return MVTecAD(root, config.category, split, preprocessing, config.val_fraction, config.split_seed,
+                       config.on_bad_image, config.cache_images)
+
+    def fetch(self, root, config) -> Path:
+        from anomaly_models.data.download import download_dataset
+
+        return download_dataset("mvtec", root, category=config.category)
+
+    def normal_train_folder(self, root, config) -> Path:
+        return Path(root) / config.category / "train" / NORMAL

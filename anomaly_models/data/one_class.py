@@ -21,6 +21,7 @@ import numpy as np
 from anomaly_models.data.common import (
     ImageRecord, RecordDataset, check_folder, class_folders, list_images, split_normal,
 )
+from anomaly_models.data.kinds import DatasetKind, register_dataset
 from anomaly_models.errors import DataError
 from anomaly_models.transforms import Preprocessing
 
@@ -173,3 +174,50 @@ def _pickle_records(folder: Path, names: list[str]) -> list[ImageRecord]:
             for i, (pixels, label) in enumerate(zip(data, labels))
         ]
     return records
+
+
+@register_dataset
+class FolderKind(DatasetKind):
+    """`<root>/{train,test}/<class>/*`, one class normal (MNIST, your own classes)."""
+
+    name = "folder"
+    folder = "."
+    subject_key = "normal_class"
+
+    def build(self, root, config, split, preprocessing, clip_length=None) -> OneClassImageFolder:
+        return OneClassImageFolder(root, config.normal_class, split, preprocessing, config.val_fraction,
+                                   config.split_seed, config.on_bad_image, config.cache_images)
+
+    def is_present(self, root, config) -> bool:
+        return (Path(root) / "train").is_dir()
+
+    def normal_train_folder(self, root, config) -> Path:
+        folder = Path(root) / "train"
+        return folder / resolve_class(config.normal_class, class_folders(check_folder(folder, "training set")))
+
+
+@register_dataset
+class CIFAR10Kind(FolderKind):
+    """CIFAR-10 as class folders or the official pickles (which take no new images)."""
+
+    name = "cifar10"
+    folder = "cifar10"
+
+    def build(self, root, config, split, preprocessing, clip_length=None) -> OneClassCIFAR10:
+        return OneClassCIFAR10(root, config.normal_class, split, preprocessing, config.val_fraction,
+                               config.split_seed, config.on_bad_image, config.cache_images)
+
+    def is_present(self, root, config) -> bool:
+        return (Path(root) / "train").is_dir() or _find_batches(Path(root)) is not None
+
+    def fetch(self, root, config) -> Path:
+        from anomaly_models.data.download import download_dataset
+
+        download_dataset("cifar10", root)
+        return Path(root)
+
+    def normal_train_folder(self, root, config) -> Path:
+        if not (Path(root) / "train").is_dir():
+            raise DataError(f"cannot add images to {root}: the CIFAR-10 pickles take no new images "
+                            "(use the class-folder layout)")
+        return Path(root) / "train" / resolve_class(config.normal_class, CIFAR10_CLASSES)

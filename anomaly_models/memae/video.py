@@ -1,6 +1,6 @@
 """MemAE for video (the official code's AutoEncoderCov3DMem), registered as `memae_video`.
 
-Input: clips (B, 1, 16, H, W) of grayscale frames scaled to [-1, 1] (see `video_data`). Encoder:
+Input: clips (B, 1, 16, H, W) of grayscale frames scaled to [-1, 1] (see `anomaly_models/data/video.py`). Encoder:
 Conv3d 1 -> 96 -> 128 -> 256 -> 256, kernel 3, strides (1,2,2) then (2,2,2), each with BatchNorm3d and
 LeakyReLU(0.2); the memory (N = 2000 over C = 256, lambda = 0.0025) at every spatio-temporal position;
 decoder: the mirrored ConvTranspose3d stack with a linear output. `use_memory: false` gives the
@@ -22,12 +22,12 @@ import torch
 from torch import nn
 
 from anomaly_models.base import register_model
+from anomaly_models.data.video import VideoFrameDataset, frame_level_auc, video_preprocessing
 from anomaly_models.errors import ConfigError
 from anomaly_models.evaluation import predict_dataset
 from anomaly_models.memae.common import MemAEModel, MemoryNetwork, MemoryOptions
 from anomaly_models.memae.memory import MemoryModule
-from anomaly_models.memae.video_data import VideoFrameDataset, video_preprocessing
-from anomaly_models.metrics import compute_metrics, image_auroc
+from anomaly_models.metrics import compute_metrics
 from anomaly_models.scoring import residual_map
 from anomaly_models.training import seeded
 from anomaly_models.transforms import Preprocessing
@@ -115,6 +115,7 @@ class ClipScorer(nn.Module):
 class VideoMemAE(MemAEModel):
     name = "memae_video"
     config_class = VideoMemAEConfig
+    reads = "clips"
 
     def __init__(self, config=None, train=None, preprocessing=None):
         super().__init__(config, train, preprocessing)
@@ -144,24 +145,6 @@ class VideoMemAE(MemAEModel):
                 f"divisible by {factor}, got {tuple(clips.shape)} (clips come from VideoFrameDataset; "
                 f"set preprocessing.image_size to a multiple of {factor})"
             )
-
-
-def regularity(errors: np.ndarray, videos: list[str]) -> np.ndarray:
-    """Official per-video regularity s = 1 - (e - min e) / (max e - min e), in dataset order."""
-    errors = np.asarray(errors, dtype=np.float64)
-    names = np.asarray(videos)
-    result = np.ones_like(errors)
-    for name in np.unique(names):
-        chosen = names == name
-        shifted = errors[chosen] - errors[chosen].min()
-        peak = shifted.max()
-        result[chosen] = 1.0 - (shifted / peak if peak > 0 else shifted)
-    return result
-
-
-def frame_level_auc(errors: np.ndarray, labels: np.ndarray, videos: list[str]) -> float:
-    """Official frame-level AUC: 1 - regularity of every scored frame, pooled over the videos."""
-    return image_auroc(labels, 1.0 - regularity(errors, videos))
 
 
 def evaluate_video(
