@@ -20,20 +20,30 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_coreset_picks_the_farthest_point_each_step():
+@pytest.mark.parametrize("pool_size", [0, 8])
+def test_coreset_picks_the_farthest_point_each_step(pool_size):
     rng = np.random.default_rng(0)
     # three tight clusters far apart plus background points: three picks hit three clusters
     clusters = np.concatenate([rng.normal(c, 0.01, size=(20, 2)) for c in ([0, 0], [10, 0], [0, 10])])
     points = torch.tensor(clusters, dtype=torch.float32)
-    picked = greedy_coreset(points, 3, None, torch.Generator().manual_seed(0))
+    picked = greedy_coreset(points, 3, None, torch.Generator().manual_seed(0), pool_size)
     assert sorted(int(i) // 20 for i in picked) == [0, 1, 2]
 
     features = torch.randn(200, 6, generator=torch.Generator().manual_seed(1))
-    picked = greedy_coreset(features, 25, None, torch.Generator().manual_seed(0))
+    picked = greedy_coreset(features, 25, None, torch.Generator().manual_seed(0), pool_size)
     assert len(set(picked.tolist())) == 25
     for i in range(1, 25):
         gap = torch.cdist(features, features[picked[:i]]).min(dim=1).values
         assert gap[picked[i]] == pytest.approx(gap.max().item(), rel=1e-4)
+
+
+def test_pooled_coreset_makes_the_same_picks_as_plain_greedy(bottle_model):
+    """On real patch features (projected as in fit), with full updates forced many times."""
+    features = bottle_model.memory_bank
+    plain = greedy_coreset(features, 300, 32, torch.Generator().manual_seed(0), 0, chunk_size=256)
+    pooled = greedy_coreset(features, 300, 32, torch.Generator().manual_seed(0), 16, chunk_size=256)
+    assert set(pooled.tolist()) == set(plain.tolist())
+    assert (pooled == plain).float().mean() > 0.95  # near ties may swap neighbouring picks
 
 
 def test_patch_features_are_pooled_upsampled_and_concatenated():
@@ -113,5 +123,7 @@ def test_bad_weights_and_unfitted_model_are_named(tmp_path, tiny_mvtec):
         model.predict(torch.zeros(1, 3, 64, 64))
     with pytest.raises(ConfigError, match="coreset_ratio: 0.0"):
         build_model("patchcore", {"coreset_ratio": 0.0})
+    with pytest.raises(ConfigError, match="coreset_method"):
+        build_model("patchcore", {"coreset_method": "random"})
     with pytest.raises(ConfigError, match="layers: .'layer2', 'conv9'. must name stages"):
         build_model("patchcore", {"layers": ["layer2", "conv9"]})
