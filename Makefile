@@ -15,10 +15,10 @@ $(STAMP): requirements.lock.txt pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $(STAMP)
 
-# Main job: train the baseline autoencoder on the bundled MVTec AD bottle data, then evaluate it.
+# Main job: the pipeline flow (Prefect, in-process) on the bundled MVTec AD bottle data: download ->
+# version data (DVC) -> prepare -> train -> evaluate -> track + register a champion (MLflow) -> report.
 run: $(STAMP)
-	$(BIN)/anomaly train --params params.yaml --out models/ae_bottle.pt
-	$(BIN)/anomaly evaluate --model models/ae_bottle.pt --out metrics/ae_bottle.json
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/anomaly run --params params.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

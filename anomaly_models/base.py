@@ -57,10 +57,12 @@ class AnomalyModel(ABC):
 
     def fingerprint(self) -> str:
         """Hash of everything that defines a training run; a resumed run must match it."""
+        data, data_hash = dict(self.metadata.get("data") or {}), self.metadata.get("data_hash")
+        if data_hash:  # the content hash says which images: where they lie does not matter
+            data.pop("root", None)
         identity = {
             "method": self.name, "config": to_dict(self.config), "train": to_dict(self.train_config),
-            "preprocessing": self.preprocessing.to_dict(), "data": self.metadata.get("data"),
-            "data_hash": self.metadata.get("data_hash"),
+            "preprocessing": self.preprocessing.to_dict(), "data": data, "data_hash": data_hash,
         }
         # Methods starting from a weights file (msc, patchcore): its content as fitted, else as now.
         weights = self.metadata.get("weights_sha256") or weights_file_sha256(getattr(self.config, "weights", None))

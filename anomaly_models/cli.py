@@ -29,11 +29,15 @@ EXIT_BAD_INPUT = 2
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(message)s"))
     library_log = logging.getLogger("anomaly_models")
-    library_log.addHandler(handler)
     library_log.setLevel(logging.INFO)
+    # The library's progress lines, once: verbs that start a flow leave them to Prefect's console log.
+    if not getattr(args, "starts_flow", False) and not any(
+            getattr(h, "anomaly_cli", False) for h in library_log.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.anomaly_cli = True
+        library_log.addHandler(handler)
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports; errors still show
         sys.stdout = open(os.devnull, "w")
         library_log.setLevel(logging.WARNING)
@@ -83,11 +87,16 @@ def pretrain(args: argparse.Namespace) -> int:
 
 def evaluate(args: argparse.Namespace) -> int:
     from anomaly_models import load_model
-    from anomaly_models.runs import evaluate_model
+    from anomaly_models.runs import evaluate_model, write_evaluation
 
     model = load_model(args.model)
     params = _params(args, base={"data": model.metadata.get("data") or {}, "model": {"method": model.name}})
-    result = evaluate_model(model, params, args.out, args.plots, args.device or "auto")
+    if args.plots:  # everything a run records: curves, overlays, histogram, worst cases, report.html
+        if not args.out:
+            raise ConfigError("evaluate --plots needs --out (the metrics JSON the report is written with)")
+        result, _ = write_evaluation(model, params, args.out, args.plots, args.device or "auto")
+    else:
+        result = evaluate_model(model, params, args.out, None, args.device or "auto")
     print(_table(result.metrics))
     return 0
 
@@ -95,8 +104,9 @@ def evaluate(args: argparse.Namespace) -> int:
 def register(args: argparse.Namespace) -> int:
     from tasks.registry import register_trained
 
-    files = sorted(Path(args.plots).glob("*")) if args.plots else []
-    decision = register_trained(_params(args), Path(args.model), Path(args.metrics), files)
+    files = sorted(p for p in Path(args.plots).glob("*") if p.is_file()) if args.plots else []
+    data_dir = Path(args.data_root) if args.data_root else None  # the DVC-tracked data: its version
+    decision = register_trained(_params(args), Path(args.model), Path(args.metrics), files, data_dir)
     if args.out:
         atomic_write_text(args.out, json.dumps(decision, indent=2) + "\n")
     return 0
@@ -105,8 +115,22 @@ def register(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     from flows.pipeline import pipeline
 
-    result = pipeline(args.params, args.profile)
-    print(_table({**result["metrics"], "promoted": str(result["decision"]["promoted"])}))
+    method = load_params(args.params, args.profile).model.method
+    overrides = _settings(args.set, method)
+    load_params(args.params, args.profile, overrides)  # a bad --set fails here, before Prefect starts
+    result = pipeline(args.params, args.profile, overrides=overrides)
+    decision = result["decision"]
+    shown = {k: v for k, v in result["metrics"].items() if k not in ("test_set_sha256",)}
+    print(_table({**shown, "num_train_images": result["num_train_images"],
+                  "data_version": str(result["data_version"]), "registered version": str(decision["version"]),
+                  "promoted": str(decision["promoted"])}))
+    store = os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlruns/mlflow.db")
+    print(f"""
+report:  {result['report']}
+runs:    mlflow ui --backend-store-uri {store}
+serve:   MLFLOW_TRACKING_URI={store} mlflow models serve -m models:/{result['model_name']}@champion \\
+           --host 127.0.0.1 --port 5001 --env-manager local
+predict: anomaly predict --model models:/{result['model_name']}@champion --input IMAGES --out predictions/""")
     return 0
 
 
@@ -250,11 +274,10 @@ def _params(args: argparse.Namespace, base: dict | None = None, override: dict |
     }
     given = {section: {k: v for k, v in values.items() if v is not None} for section, values in flags.items()}
     raw = deep_merge(raw, given)
+    method = raw.get("model", {}).get("method", ModelConfig.method)
     method_flags = {k: getattr(args, k, None) for k in ("backbone", "weights")}
-    method_options = {**{k: v for k, v in method_flags.items() if v is not None}, **_key_values(getattr(args, "set", []))}
-    if method_options:
-        method = raw.get("model", {}).get("method", ModelConfig.method)
-        raw = deep_merge(raw, {"model": {method: method_options}})
+    raw = deep_merge(raw, {"model": {method: {k: v for k, v in method_flags.items() if v is not None}}})
+    raw = deep_merge(raw, _settings(getattr(args, "set", []), method))
     return params_from_dict(deep_merge(raw, override or {}), args.params or "command line")
 
 
@@ -262,6 +285,19 @@ def _model_section(model: dict) -> dict:
     """ModelConfig as a dict puts method sections under 'options'; params.yaml has them inline."""
     model = dict(model)
     return {**model.pop("options", {}), **{k: v for k, v in model.items() if v is not None}}
+
+
+def _settings(pairs: list[str], method: str) -> dict[str, Any]:
+    """--set pairs as a nested params mapping: a dotted key is a params.yaml path
+    (train.epochs=2, as `dvc exp run -S` takes), a bare key a hyper-parameter of `method`."""
+    nested: dict[str, Any] = {}
+    for key, value in _key_values(pairs).items():
+        path = key.split(".") if "." in key else ["model", method, key]
+        leaf = nested
+        for part in path[:-1]:
+            leaf = leaf.setdefault(part, {})
+        leaf[path[-1]] = value
+    return nested
 
 
 def _key_values(pairs: list[str]) -> dict[str, Any]:
@@ -375,12 +411,15 @@ def _parser() -> argparse.ArgumentParser:
     p = commands.add_parser("run", help="run the whole pipeline as a Prefect flow")
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--profile")
-    p.set_defaults(handler=run)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a setting: a params.yaml path (train.epochs=2) or a hyper-parameter of the "
+                   "method (latent_channels=32); repeatable")
+    p.set_defaults(handler=run, starts_flow=True)
 
     p = commands.add_parser("sweep", help="train + evaluate every cell of `sweep:` on Dask; leaderboard")
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--profile")
-    p.set_defaults(handler=sweep)
+    p.set_defaults(handler=sweep, starts_flow=True)
 
     p = commands.add_parser("leaderboard", help="rebuild the latest sweep's leaderboard from MLflow")
     p.add_argument("--params", default="params.yaml")

@@ -8,7 +8,6 @@ dataclass and rejects unknown keys and values of the wrong type with the key's f
 from __future__ import annotations
 
 import dataclasses
-import os
 import types
 import typing
 from dataclasses import dataclass
@@ -298,11 +297,14 @@ class Params:
         return self.register.model_name or f"{self.model.method}-{self.data.dataset}-{self.data.subject}"
 
 
-PROFILE_ENV = "ANOMALY_PROFILE"
+PROFILE_KEY = "profile"  # params.yaml's top-level choice of profile: a value DVC tracks
 
 
-def load_params(path: str | Path, profile: str | None = None) -> Params:
-    """Read params.yaml, overlay `profiles.<profile>` (or $ANOMALY_PROFILE) on it, and validate."""
+def load_params(
+    path: str | Path, profile: str | None = None, overrides: Mapping[str, Any] | None = None,
+) -> Params:
+    """Read params.yaml, overlay `profiles.<profile>` (the argument, else the file's own `profile:`
+    key) and then `overrides` (nested, e.g. {"train": {"epochs": 2}}) on it, and validate."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
@@ -313,12 +315,13 @@ def load_params(path: str | Path, profile: str | None = None) -> Params:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     profiles = raw.pop("profiles", None) or {}
-    profile = profile or os.environ.get(PROFILE_ENV) or None
+    profile = profile or raw.pop(PROFILE_KEY, None)
+    raw.pop(PROFILE_KEY, None)
     if profile:
         if profile not in profiles:
             raise ConfigError(f"{path}: unknown profile {profile!r} (defined: {', '.join(profiles) or 'none'})")
         raw = deep_merge(raw, profiles[profile])
-    return params_from_dict(raw, str(path))
+    return params_from_dict(deep_merge(raw, overrides or {}), str(path))
 
 
 def params_from_dict(raw: Mapping[str, Any], source: str = "params") -> Params:

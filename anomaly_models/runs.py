@@ -7,19 +7,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from anomaly_models.base import AnomalyModel, load_model, model_from_params
 from anomaly_models.config import (
-    PROFILE_ENV, DataConfig, Params, TrainConfig, check_method_dataset, params_to_dict,
+    DataConfig, Params, TrainConfig, check_method_dataset, params_to_dict,
 )
 from anomaly_models.data import RecordDataset, build_dataset
 from anomaly_models.data.prepare import content_hash
@@ -81,6 +81,7 @@ def _fit_and_save(model: AnomalyModel, params: Params, out: Path, resume: bool) 
     train_loader = training_loader(train_set, t)
     val_loader = DataLoader(val_set, batch_size=t.batch_size, num_workers=t.num_workers)
     print(f"training {model.name} on {len(train_set)} normal images ({len(val_set)} held out)")
+    model.metadata["num_train_images"] = len(train_set)
     started = time.perf_counter()
     try:
         model.fit(train_loader, val_loader)
@@ -128,9 +129,7 @@ def _train_under_torchrun(params: Params, out: Path, resume: bool, data_hash: st
             argv += ["--manifest", str(manifest)]
         if not resume:
             argv.append("--no-resume")
-        # The file holds the final settings: no profile ($ANOMALY_PROFILE) is laid over them again.
-        env = {key: value for key, value in os.environ.items() if key != PROFILE_ENV}
-        launch(argv, params.train.devices, env)
+        launch(argv, params.train.devices)
     model = load_model(out)
     return TrainResult(model, out, model.metadata["train_seconds"], skipped=False)
 
@@ -160,6 +159,7 @@ def evaluate_model(
     """Score the fixed test split; write metrics JSON and plots when asked."""
     data = params.data
     check_method_dataset(model.name, data.dataset)
+    check_same_subject(model, data)
     test_set = model_dataset(model, data, "test")
     started = time.perf_counter()
     predictions = predict_dataset(model, test_set, params.evaluate.batch_size, device)
@@ -182,6 +182,44 @@ def evaluate_model(
         if overlays:
             written["overlays"] = overlays
     return EvaluationResult(metrics, predictions, test_set, written)
+
+
+VISUAL_CHECK_IMAGES = 4  # anomalous test images in a method's visual check (ssae)
+
+
+def write_evaluation(
+    model: AnomalyModel, params: Params, metrics_path: str | Path, plots_dir: str | Path, device: str = "auto",
+) -> tuple[EvaluationResult, dict[str, Path]]:
+    """Evaluate and write everything a run records: metrics JSON, curves, overlays, histogram,
+    worst mistakes, report.html and the method's visual check. The CLI (the DVC stage) and the
+    Prefect step both call this, so both doors leave the same files."""
+    from anomaly_models.report import write_report
+
+    result = evaluate_model(model, params, metrics_path, plots_dir, device)
+    files = {**result.plots, **write_report(model, result, plots_dir)}
+    visual_check = getattr(model, "visual_check", None)  # methods with a training picture worth a look
+    anomalous = [i for i, label in enumerate(result.predictions.labels) if label == 1][:VISUAL_CHECK_IMAGES]
+    if visual_check is not None and anomalous:
+        samples = [result.test_set[i] for i in anomalous]
+        files["visual_check"] = visual_check(torch.stack([s.image for s in samples]),
+                                             Path(plots_dir) / "visual_check.png",
+                                             torch.stack([s.mask for s in samples]))
+    return result, {"metrics": Path(metrics_path), **files}
+
+
+def check_same_subject(model: AnomalyModel, data: DataConfig) -> None:
+    """A model is scored on the test set of what it was trained for: another dataset or subject
+    (normal class, category) would give a meaningless number, so it is an error naming both."""
+    trained = model.metadata.get("data")
+    if not trained:
+        return
+    trained = DataConfig(**{k: v for k, v in trained.items() if k in DataConfig.__dataclass_fields__})
+    if (trained.dataset, trained.subject) != (data.dataset, data.subject):
+        key = f"data.{data.kind.subject_key}"
+        raise ConfigError(
+            f"the model was trained on {trained.dataset} {key} {trained.subject!r}, but the settings "
+            f"evaluate {data.dataset} {key} {data.subject!r}: set {key} (or the flag) to "
+            f"{trained.subject!r}, or evaluate without --params to use the model's own data settings")
 
 
 def model_dataset(model: AnomalyModel, data: DataConfig, split: str) -> RecordDataset:

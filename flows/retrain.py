@@ -3,23 +3,21 @@
     python -m flows.retrain [--params params.yaml] [--profile test]
 
 Looks into the inbox (`retrain.inbox`); with nothing there it says so and stops. Otherwise it
-validates the new images, adds the good ones to the DVC-tracked training data in `data/<dataset>`
-(a new data version), retrains, evaluates on the SAME fixed test split and registers the result
-as challenger; the registry gate decides whether it becomes champion.
+validates the new images and adds the good ones to the training images of the project's
+DVC-tracked `data/<dataset>`, then runs the pipeline, which records that as a new DVC data version,
+retrains, evaluates on the SAME fixed test split and registers the result as challenger; the
+registry gate decides whether it becomes champion. Later runs of any door read the added images.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 
 from prefect import flow
 
 from anomaly_models.config import load_params
-from anomaly_models.data import default_data_root
 from anomaly_models.data.common import list_images
-from anomaly_models.data.download import copy_dataset
 from flows.pipeline import run_pipeline
 from tasks import steps
 
@@ -33,20 +31,12 @@ def retrain(params_file: str = "params.yaml", profile: str | None = None, workdi
         print(f"inbox {inbox} is empty: nothing to retrain")
         return {"status": "empty"}
 
-    # Training data lives in the repository as the DVC-tracked `data/<dataset>` folder; the
-    # configured data root is only its source.
-    data_dir = work / "data" / params.data.dataset
-    source = Path(params.data.root) if params.data.root else default_data_root(params.data.dataset)
-    subfolder = params.data.category if params.data.dataset == "mvtec" else "."
-    copy_dataset(source / subfolder, data_dir / subfolder)
-    params = dataclasses.replace(params, data=dataclasses.replace(params.data, root=str(data_dir)))
-
+    params = steps.download(params, work)  # the images go into data/<dataset>, which every door reads
     before = steps.prepare(params, work / "data" / "manifest.json")
     known = {entry["sha256"] for files in before["splits"].values() for entry in files}
     report = steps.ingest(params, inbox, known)
     if not report.accepted:
         return {"status": "nothing accepted", "rejected": report.rejected}
-    steps.version_data(work, data_dir)
     result = run_pipeline(params, work, run_name=f"retrain-{params.registered_name()}")
     return {"status": "retrained", "accepted": [str(p) for p in report.accepted],
             "rejected": report.rejected, **result}

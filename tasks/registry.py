@@ -10,6 +10,7 @@ leaves the champion where it was.
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -17,36 +18,54 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+import anomaly_models
 from anomaly_models import load_model
 from anomaly_models.config import Params
 from anomaly_models.errors import ConfigError
 from anomaly_models.runs import evaluate_model
 from tasks import pyfunc
-from tasks.tracking import TEST_SET_TAG, log_evaluation, log_history, start_run
+from tasks.dvc import data_version
+from tasks.tracking import TEST_SET_TAG, record_run
 
 CHECKPOINT_ARTIFACT = "checkpoint"
+# The library travels inside the logged model, so it is served from any folder or machine.
+LIBRARY = Path(anomaly_models.__file__).parent
+FINGERPRINT_TAG = "fingerprint"  # model version tag: the settings and data it was trained from
 
 
-def register_model_version(params: Params, checkpoint: Path, metrics: dict, run_id: str) -> dict:
+def register_model_version(
+    params: Params, checkpoint: Path, metrics: dict, run_id: str, fingerprint: str | None = None,
+) -> dict:
+    """Register the run's model as challenger and promote it if it passes the gate; a model with
+    the fingerprint (settings and data) of an existing version is not registered again."""
     client = MlflowClient()
     name = params.registered_name()
     metric = params.register.gate_metric
     challenger_value = metrics.get(metric)
     if challenger_value is None:
         raise ConfigError(f"register.gate_metric {metric!r} is not available for this dataset")
+    identical = _version_with_fingerprint(client, name, fingerprint)
+    if identical is not None:
+        client.set_tag(run_id, "registered_version", f"{identical.version} (identical, not registered again)")
+        print(f"{name}: identical to v{identical.version} (same settings and data); not registered again")
+        return {"model_name": name, "version": int(identical.version), "registered": False,
+                "identical_to": int(identical.version), "gate_metric": metric,
+                "challenger": challenger_value, "promoted": False}
 
     with mlflow.start_run(run_id=run_id):
         mlflow.log_artifact(str(checkpoint), CHECKPOINT_ARTIFACT)
         info = mlflow.pyfunc.log_model(
             name="model", python_model=pyfunc.__file__, signature=pyfunc.SIGNATURE,
-            artifacts={"checkpoint": str(checkpoint)}, pip_requirements=pyfunc.PIP_REQUIREMENTS,
+            artifacts={"checkpoint": str(checkpoint)}, code_paths=[str(LIBRARY)],
+            pip_requirements=pyfunc.requirements(),
         )
-    version = mlflow.register_model(info.model_uri, name)
+    version = mlflow.register_model(info.model_uri, name, tags={FINGERPRINT_TAG: fingerprint or ""})
     client.set_registered_model_alias(name, "challenger", version.version)
+    client.set_tag(run_id, "registered_version", str(version.version))
 
     champion = _champion(client, name)
     decision = {
-        "model_name": name, "version": int(version.version), "gate_metric": metric,
+        "model_name": name, "version": int(version.version), "registered": True, "gate_metric": metric,
         "challenger": challenger_value, "champion_version": None, "champion": None, "champion_source": None,
     }
     if champion is not None:
@@ -62,6 +81,16 @@ def register_model_version(params: Params, checkpoint: Path, metrics: dict, run_
     outcome = "promoted to champion" if decision["promoted"] else "champion kept"
     print(f"{name} v{version.version}: {metric} {challenger_value:.4f} vs champion {against} -> {outcome}")
     return decision
+
+
+def _version_with_fingerprint(client: MlflowClient, name: str, fingerprint: str | None):
+    if not fingerprint:
+        return None
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return None
+    return next((v for v in versions if v.tags.get(FINGERPRINT_TAG) == fingerprint), None)
 
 
 def _champion(client: MlflowClient, name: str):
@@ -90,22 +119,13 @@ def _evaluate_version(client: MlflowClient, run_id: str, params: Params) -> dict
         return evaluate_model(load_model(checkpoint), params).metrics
 
 
-def register_trained(params: Params, checkpoint: Path, metrics_path: Path, files: list[Path]) -> dict:
-    """Track and register a model trained outside a flow (the DVC `register` stage)."""
-    import json
-
-    model = load_model(checkpoint)
+def register_trained(params: Params, checkpoint: Path, metrics_path: Path, files: list[Path],
+                     data_dir: Path | None = None) -> dict:
+    """Track and register a model trained outside a flow (the DVC `register` stage): the same
+    record as the flow's, with the data version DVC holds for `data_dir`."""
     metrics = json.loads(Path(metrics_path).read_text())
-    run_id = start_run(params, model.metadata.get("data_hash", "unknown"))
-    try:
-        log_history(run_id, model.history, model.metadata.get("train_seconds"))
-        log_evaluation(run_id, metrics, [Path(metrics_path), *files])
-        decision = register_model_version(params, checkpoint, metrics, run_id)
-    except BaseException:
-        MlflowClient().set_terminated(run_id, "FAILED")
-        raise
-    MlflowClient().set_terminated(run_id, "FINISHED")
-    return {"run_id": run_id, **decision}
+    version = data_version(Path.cwd(), data_dir) if data_dir else None
+    return record_run(params, checkpoint, metrics, [Path(metrics_path), *files], version)
 
 
 def download_checkpoint(model_uri: str) -> Path:

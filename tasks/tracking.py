@@ -7,6 +7,7 @@ Default store: `mlruns/mlflow.db` (sqlite: runs and the model registry) with art
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -67,25 +68,85 @@ def git_commit() -> str:
         return "unknown"
 
 
-def start_run(params, data_hash: str, run_name: str | None = None, tags: dict | None = None) -> str:
-    """Open the one MLflow run of a trained model: tags for code and data version, all params."""
+def run_params(params) -> dict[str, str]:
+    """The settings that shaped this run, flat: the active method's section only (not every
+    method's), and pretraining only when it is enabled; sweep and schedule settings are not a
+    property of a model."""
     from anomaly_models.config import to_dict
 
+    raw = to_dict(params)
+    model = raw.pop("model")
+    raw["model"] = {"method": model["method"], "image_size": model["image_size"],
+                    model["method"]: model["options"].get(model["method"]) or {}}
+    for section in ("sweep", "retrain") + (() if params.pretrain.enabled else ("pretrain",)):
+        raw.pop(section)
+    return {key: str("null" if value is None else value) for key, value in flatten("", raw).items()}
+
+
+def unique_run_name(prefix: str) -> str:
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def start_run(params, data_hash: str, run_name: str | None = None, tags: dict | None = None) -> str:
+    """Open an MLflow run tagged with the code and data version, holding the run's params.
+    Names are unique (the registered name and the time), so runs can be told apart in the UI."""
     experiment_id = configure(params.register.experiment)
     client = MlflowClient()
     run = client.create_run(
         experiment_id,
-        run_name=run_name or params.registered_name(),
+        run_name=run_name or unique_run_name(params.registered_name()),
         tags={"git_commit": git_commit(), "data_hash": data_hash, "method": params.model.method,
               **(tags or {})},
     )
-    logged = [
-        Param(key, str("null" if value is None else value))
-        for key, value in flatten("", to_dict(params)).items()
-    ]
+    logged = [Param(key, value) for key, value in run_params(params).items()]
     for first in range(0, len(logged), PARAMS_PER_BATCH):  # one store call per batch, not per key
         client.log_batch(run.info.run_id, params=logged[first:first + PARAMS_PER_BATCH])
     return run.info.run_id
+
+
+def record_run(
+    params, checkpoint: Path, metrics: dict, files: list[Path], data_version: str | None,
+    train_skipped: bool | None = None, run_name: str | None = None,
+) -> dict:
+    """The one MLflow record of a trained, evaluated model, for every door (the Prefect flow's
+    track step and the DVC `register` stage): params, code and data versions, history, threshold,
+    metrics, evaluation files and report, the model and the registry gate's decision.
+
+    `data_version` is DVC's md5 of the data folder; `train_skipped` None (DVC, which skips stages
+    itself) means: this checkpoint file was already recorded by an earlier run.
+    """
+    from anomaly_models import load_model
+    from anomaly_models.files import file_sha256
+    from tasks.registry import register_model_version
+
+    model = load_model(checkpoint)
+    checkpoint_sha = file_sha256(checkpoint)
+    experiment_id = configure(params.register.experiment)
+    if train_skipped is None:
+        earlier = MlflowClient().search_runs(
+            [experiment_id], f"tags.checkpoint_sha256 = '{checkpoint_sha}'", max_results=1)
+        train_skipped = bool(earlier)
+    run_name = unique_run_name(run_name or params.registered_name())
+    run_id = start_run(params, model.metadata.get("data_hash") or "unknown", run_name, tags={
+        "dvc_data_version": data_version or "none (not a DVC project)",
+        "model_fingerprint": model.fingerprint(), "checkpoint_sha256": checkpoint_sha,
+        "train_skipped": str(train_skipped).lower(),
+    })
+    client = MlflowClient()
+    try:
+        log_history(run_id, model.history, model.metadata.get("train_seconds"))
+        threshold = [Param(f"threshold.{key}", str(value)) for key, value in (model.threshold or {}).items()]
+        count = model.metadata.get("num_train_images")
+        extra = [Metric("num_train_images", float(count), _milliseconds(), 0)] if count is not None else []
+        client.log_batch(run_id, params=threshold, metrics=extra)
+        log_evaluation(run_id, metrics, files)
+        decision = register_model_version(params, checkpoint, metrics, run_id, model.fingerprint())
+        client.log_text(run_id, json.dumps(decision, indent=2), "register_decision.json")
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    return {"run_id": run_id, **decision}
 
 
 def log_history(run_id: str, history: list[dict], train_seconds: float | None) -> None:

@@ -55,11 +55,18 @@ def test_flow_trains_tracks_registers_and_serves_the_same_scores(tmp_path, mvtec
     assert run.info.status == "FINISHED"
     assert run.data.tags["data_hash"] == manifest_hash and len(run.data.tags["git_commit"]) == 40
     assert run.data.params["train.epochs"] == "2" and run.data.params["model.image_size"] == "32"
+    assert run.data.params["model.ae.base_channels"] == "8"
+    assert not [k for k in run.data.params if k.startswith(("model.memae.", "model.ssae.", "sweep."))]
+    assert run.data.params["data.root"] == str((tmp_path / "data" / "mvtec").resolve())  # the project's copy
+    assert run.data.tags["dvc_data_version"].startswith("none") and run.data.tags["train_skipped"] == "false"
+    assert run.data.metrics["num_train_images"] == 188
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 2
     assert run.data.metrics["image_auroc"] == pytest.approx(result["metrics"]["image_auroc"])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
     assert {"evaluation/metrics.json", "evaluation/roc.csv", "evaluation/overlays.png",
             "evaluation/histogram.png", "evaluation/report.html"} <= artifacts
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"register_decision.json", "evaluation"}
+    assert "threshold.value" in run.data.params
 
     assert result["decision"]["promoted"] and result["decision"]["version"] == 1
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == "1"
@@ -74,13 +81,14 @@ def test_flow_trains_tracks_registers_and_serves_the_same_scores(tmp_path, mvtec
     expected, _ = model.predict(torch.stack([model.preprocessing(Image.open(p))[0] for p in paths]))
     np.testing.assert_allclose(served.predict(frame)["score"].to_numpy(), expected.numpy(), atol=1e-5)
 
-    # Re-running with nothing changed: training is skipped, a tie keeps the champion.
+    # Re-running with nothing changed: training is skipped and the identical model is not
+    # registered again; the run is recorded under its own name and says so.
     again = pipeline(str(params_file), None, str(tmp_path))
-    assert client.get_run(again["run_id"]).data.tags["train_skipped"] == "true"
-    assert again["decision"] == {**again["decision"], "version": 2, "promoted": False}
-    assert again["decision"]["champion"] == pytest.approx(again["decision"]["challenger"])
-    assert str(client.get_model_version_by_alias(NAME, "champion").version) == "1"
-    assert str(client.get_model_version_by_alias(NAME, "challenger").version) == "2"
+    rerun = client.get_run(again["run_id"])
+    assert rerun.data.tags["train_skipped"] == "true" and rerun.info.run_name != run.info.run_name
+    assert again["decision"] == {**again["decision"], "version": 1, "registered": False, "identical_to": 1}
+    assert len(client.search_model_versions(f"name='{NAME}'")) == 1
+    assert rerun.data.tags["registered_version"].startswith("1 (identical")
 
 
 @register_model

@@ -364,16 +364,6 @@ def download_dataset(
     return result
 
 
-def ensure_dataset(config) -> Path:
-    """The folder `config` (a DataConfig) reads, downloaded first if it is not there yet."""
-    from anomaly_models.data import data_root
-
-    root, kind = data_root(config), config.kind
-    if not kind.is_present(root, config):
-        kind.fetch(root, config)
-    return root / kind.subject_folder(config)
-
-
 def copy_dataset(source: str | os.PathLike, target: str | os.PathLike) -> Path:
     """Copy a dataset folder from a local mirror (a shared drive, ../shared/data) atomically.
 

@@ -44,22 +44,24 @@ def build_manifest(config: DataConfig) -> dict[str, Any]:
 
 
 def manifest_hash(manifest: dict[str, Any]) -> str:
-    """One hash over every split's files and contents: the data version a model was trained on."""
-    lines = [
-        f"{split}\t{entry['path']}\t{entry['sha256']}\t{entry.get('mask_sha256') or ''}\t{entry['label']}"
-        for split in SPLITS for entry in manifest["splits"][split]
-    ]
+    """One hash over every split's contents: the data a model was trained on, wherever it lies
+    (the same images in ../shared/data and in the DVC-tracked data/ folder hash the same)."""
+    lines = [f"{split}\t{line}" for split in SPLITS for line in _content_lines(manifest["splits"][split])]
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
 def content_hash(records) -> str:
     """What a set of images is, wherever it lies (a DVC copy or the original folder): their
     contents, masks and labels. Two evaluations with equal hashes scored the same test set."""
-    lines = sorted(
+    return hashlib.sha256("\n".join(_content_lines(map(_entry, records))).encode()).hexdigest()
+
+
+def _content_lines(entries) -> list[str]:
+    """One sorted line per image: its bytes, archive member, mask and label, not its path."""
+    return sorted(
         f"{entry['sha256']}\t{_member(entry['path'])}\t{entry.get('mask_sha256') or ''}\t{entry['label']}"
-        for entry in map(_entry, records)
+        for entry in entries
     )
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
 def write_manifest(config: DataConfig, path: str | Path) -> dict[str, Any]:
