@@ -39,7 +39,7 @@ def write_params(folder: Path, mvtec_root: Path, **overrides) -> Path:
     raw = deep_merge({k: v for k, v in raw.items() if k != "profiles"}, raw["profiles"]["test"])
     raw = deep_merge(raw, {"data": {"root": str(mvtec_root)}, "model": {"image_size": 32, "ae": {"base_channels": 8}}})
     raw = deep_merge(raw, overrides)
-    raw["profiles"] = {}
+    raw["profiles"], raw["profile"] = {}, None
     path = folder / "params.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -173,16 +173,22 @@ def test_killed_training_resumes_from_its_last_epoch(tmp_path, mvtec_root):
     assert not partial.exists()
 
 
-def test_dvc_repro_runs_the_chain_then_is_a_no_op(tmp_path, mvtec_root):
+def test_dvc_repro_experiments_metrics_and_pull(tmp_path, mvtec_root):
+    """`dvc repro` runs the chain and records the run like the flow does; a second repro is a
+    no-op; `dvc exp run -S` then `dvc exp show` / `dvc metrics diff` show numbers; every output is
+    cached, so after `dvc pull` into an empty workspace `dvc status` is clean."""
     repo = tmp_path / "repo"
     repo.mkdir()
     for item in ("anomaly_models", "tasks", "flows", "dvc.yaml", ".dvcignore"):
         source = REPO / item
-        (shutil.copytree if source.is_dir() else shutil.copy)(source, repo / item)
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, repo / item,
+                                                            **({"ignore": shutil.ignore_patterns("__pycache__")} if source.is_dir() else {}))
     write_params(repo, mvtec_root, data={"root": None})
+    store = f"sqlite:///{repo / 'mlruns.db'}"
     env = {**os.environ, "ANOMALY_DATA_DIR": str(mvtec_root.parent),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlruns.db'}"}
+           "MLFLOW_TRACKING_URI": store, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@localhost",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@localhost"}
 
     def run(*args):
         result = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
@@ -191,21 +197,46 @@ def test_dvc_repro_runs_the_chain_then_is_a_no_op(tmp_path, mvtec_root):
 
     run("git", "init", "-q")
     run("dvc", "init", "-q")
+    run("dvc", "remote", "add", "-d", "local", str(tmp_path / "remote"))
     first = run("dvc", "repro")
     for stage in ("download", "prepare", "train", "evaluate", "register"):
         assert f"Running stage '{stage}'" in first
     assert (repo / "data" / "mvtec" / "bottle" / "train" / "good").is_dir()
-    assert (repo / "metrics" / "metrics.json").is_file() and (repo / "plots" / "roc.csv").is_file()
+    assert (repo / "plots" / "report.html").is_file() and (repo / "plots" / "roc.csv").is_file()
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    data_md5 = lock["stages"]["download"]["outs"][0]["md5"]
+    mlflow.set_tracking_uri(store)
+    record = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("anomaly-detection").experiment_id])[0]
+    assert record.data.tags["dvc_data_version"] == data_md5 and record.data.metrics["num_train_images"] == 188
+    artifacts = {a.path for a in MlflowClient().list_artifacts(record.info.run_id, "evaluation")}
+    assert {"evaluation/report.html", "evaluation/histogram.png"} <= artifacts
+    run("git", "add", "-A")
+    run("git", "commit", "-q", "-m", "baseline")
 
     started = time.perf_counter()
     second = run("dvc", "repro")
     assert "Running stage" not in second and time.perf_counter() - started < 30
 
+    run("dvc", "exp", "run", "-S", "train.epochs=1")
+    table = run("dvc", "exp", "show", "--csv")
+    header, *rows = [line.split(",") for line in table.strip().splitlines()]
+    auroc = header.index("image_auroc")
+    assert len(rows) >= 2 and all(row[auroc] not in ("", "!", "-") for row in rows), table
+    diff = run("dvc", "metrics", "diff", "--json")
+    assert "image_auroc" in diff
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["train"]["lr"] = 0.002
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     status = run("dvc", "status")
     assert "train:" in status and "prepare:" not in status and "download:" not in status
+
+    run("git", "checkout", "-q", "--", "params.yaml", "dvc.lock")  # back to the committed baseline
+    run("dvc", "checkout", "-q")
+    run("dvc", "push", "-q")
+    for folder in ("data", "models", "metrics", "plots", ".dvc/cache"):
+        shutil.rmtree(repo / folder)
+    run("dvc", "pull", "-q")
+    assert "up to date" in run("dvc", "status")
 
 
 def test_retrain_adds_valid_inbox_images_as_a_new_data_version(tmp_path, mvtec_root, mlflow_store):
@@ -220,6 +251,8 @@ def test_retrain_adds_valid_inbox_images_as_a_new_data_version(tmp_path, mvtec_r
     params_file = write_params(work, mvtec_root)
 
     assert retrain(str(params_file), None, str(work)) == {"status": "empty"}
+    before = pipeline(str(params_file), None, str(work))
+    assert before["num_train_images"] == 188 and before["data_version"].endswith(".dir")
 
     inbox = work / "data" / "inbox"
     inbox.mkdir(parents=True)
@@ -243,6 +276,14 @@ def test_retrain_adds_valid_inbox_images_as_a_new_data_version(tmp_path, mvtec_r
     manifest = yaml.safe_load((work / "data" / "manifest.json").read_text())
     assert len(manifest["splits"]["train"]) + len(manifest["splits"]["val"]) == 209 + 2
     assert len(manifest["splits"]["test"]) == 83  # the same fixed test set
-    assert result["decision"]["version"] == 1 and result["decision"]["promoted"]
+    assert result["decision"]["version"] == 2  # a new model: trained on more images
     run = MlflowClient().get_run(result["run_id"])
     assert run.data.tags["data_hash"] == manifest["data_hash"]
+    assert run.data.tags["dvc_data_version"] == lock["stages"]["download"]["outs"][0]["md5"] != before["data_version"]
+
+    # The next run of the pipeline (what a schedule starts) reads the same, larger data version.
+    after = pipeline(str(params_file), None, str(work))
+    record = MlflowClient().get_run(after["run_id"]).data
+    assert record.tags["dvc_data_version"] == run.data.tags["dvc_data_version"]
+    assert record.metrics["num_train_images"] == 190 > before["num_train_images"]
+    assert after["decision"]["registered"] is False and after["decision"]["identical_to"] == 2

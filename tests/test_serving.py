@@ -56,7 +56,7 @@ def _post(url: str, payload: dict) -> tuple[int, dict]:
         return error.code, json.loads(error.read() or b"{}")
 
 
-def test_served_model_answers_like_the_library_and_rejects_bad_requests(registered, mvtec_root, mlflow_store):
+def test_served_model_answers_like_the_library_and_rejects_bad_requests(registered, mvtec_root, mlflow_store, tmp_path):
     model = load_model(registered)
     paths = sorted((mvtec_root / "bottle" / "test" / "contamination").glob("*.png"))[:2]
     gray = io.BytesIO()
@@ -65,12 +65,22 @@ def test_served_model_answers_like_the_library_and_rejects_bad_requests(register
     pil = [Image.open(p) for p in paths] + [Image.open(paths[0]).convert("L")]
     expected, _ = model.predict(torch.stack([model.preprocessing(i)[0] for i in pil]))
 
+    # The logged model carries the library's code and pinned requirements, so it is served from
+    # any folder: here an empty one, outside the repository, with no PYTHONPATH to the project.
+    import mlflow
+
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}@champion", dst_path=str(tmp_path / "m")))
+    assert (local / "code" / "anomaly_models" / "base.py").is_file()
+    assert "torch==" in (local / "requirements.txt").read_text()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
     port = _free_port()
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     server = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", f"models:/{NAME}@champion",
          "--host", "127.0.0.1", "--port", str(port), "--env-manager", "local"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env=env, cwd=elsewhere, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     try:
         base = f"http://127.0.0.1:{port}"
