@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -52,7 +53,9 @@ def register_model_version(
                 "identical_to": int(identical.version), "gate_metric": metric,
                 "challenger": challenger_value, "promoted": False}
 
-    with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+        # The signature is declared; an input example would make MLflow load and run the model here.
+        warnings.filterwarnings("ignore", message=".*input example was not provided")
         mlflow.log_artifact(str(checkpoint), CHECKPOINT_ARTIFACT)
         info = mlflow.pyfunc.log_model(
             name="model", python_model=pyfunc.__file__, signature=pyfunc.SIGNATURE,
