@@ -6,7 +6,9 @@ unit-normalised pretrained features of the normal training images, fixed before 
 augmented views of each image are embedded, shifted by c, re-normalised, and pulled together by
 NT-Xent (temperature 0.25) against the other 2B - 2 views; the optional angular term adds
 ||f - c||^2. The network stays in eval mode throughout, so BatchNorm keeps its pretrained
-statistics. A test image's score is the sum of squared L2 distances to its k = 2 nearest training
+statistics. As in the official code, the views are made from each original image (decoded, not
+the resized model input, so the crop is the only resampling) by the MoCo v2 augmentations on PIL
+images, in the training loader's workers; both views go through the network as one batch. A test image's score is the sum of squared L2 distances to its k = 2 nearest training
 features; the feature bank is saved with the model.
 
 The paper's optimiser is SGD with lr 1e-5, weight decay 5e-5, batch 64, 20 epochs: these live in the
@@ -19,17 +21,20 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader
+from PIL import Image, ImageFilter
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2
 
 from anomaly_models.backbones import (
     Backbone, BackboneName, backbone_preprocessing, build_backbone, every_image, knn_search,
 )
 from anomaly_models.base import AnomalyModel, register_model
+from anomaly_models.data.common import ImageRecord, RecordDataset, Sample
 from anomaly_models.errors import ConfigError
 from anomaly_models.training import resolve_device, run_epochs, seed_everything, seeded
 from anomaly_models.transforms import Preprocessing
@@ -49,11 +54,12 @@ class MSCConfig:
     color_jitter: tuple[float, ...] = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
     color_jitter_p: float = 0.8
     grayscale_p: float = 0.2
-    blur_sigma: tuple[float, ...] = (0.1, 2.0)  # pixels at blur_reference_size
-    blur_kernel_size: int = 23  # ~10 % of 224 px, as MoCo v2
-    blur_reference_size: int = 224  # the official crop; sigma and kernel scale with the actual size
+    blur_sigma: tuple[float, ...] = (0.1, 2.0)  # PIL blur radius in pixels at blur_reference_size
+    blur_reference_size: int = 224  # the official crop; sigma scales with the actual size
     blur_p: float = 0.5
     chunk_size: int = 8192  # rows per block of the exact nearest-neighbour search
+    # fine-tuning memory layout: channels_last runs Lite0's convolutions faster on CPU (bench/msc.py)
+    memory_format: Literal["channels_last", "contiguous"] = "channels_last"
 
     def __post_init__(self):
         for key, values in (("crop_scale", self.crop_scale), ("blur_sigma", self.blur_sigma)):
@@ -103,28 +109,63 @@ class EvalModeBackbone(nn.Module):
         return self.backbone(images)
 
 
-class ContrastiveAugmentation:
-    """The official (MoCo v2) augmentations, per sample, on normalised tensors: they are
-    de-normalised to [0, 1], augmented at the preprocessing's output size, and normalised back."""
+class PILGaussianBlur:
+    """The official code's blur: PIL's Gaussian filter with a radius drawn from `sigma`."""
 
-    def __init__(self, config: MSCConfig, preprocessing: Preprocessing):
+    def __init__(self, sigma: tuple[float, float]):
+        self.sigma = sigma
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        radius = torch.empty(()).uniform_(*self.sigma).item()  # torch RNG: seeded per loader worker
+        return image.filter(ImageFilter.GaussianBlur(radius=radius))
+
+
+class ContrastiveViews(Dataset):
+    """Two MoCo v2 views of each original image, as one (2, C, H, W) `Sample.image`.
+
+    The official augmentations on PIL images (faster on CPU than torchvision's tensor kernels), at
+    the preprocessing's output size, then the preprocessing's normalisation.
+    """
+
+    def __init__(self, records: list[ImageRecord], config: MSCConfig, preprocessing: Preprocessing):
         c, size = config, preprocessing.output_size
-        scale = size / c.blur_reference_size
-        kernel = max(3, 2 * int(c.blur_kernel_size * scale // 2) + 1)  # odd, 23 at 224 px
-        sigma = tuple(s * scale for s in c.blur_sigma)
-        self.preprocessing = preprocessing
+        sigma = tuple(s * size / c.blur_reference_size for s in c.blur_sigma)
+        self.records, self.preprocessing = records, preprocessing
         self.transform = v2.Compose([
             v2.RandomResizedCrop(size, scale=tuple(c.crop_scale), antialias=True),
             v2.RandomApply([v2.ColorJitter(*c.color_jitter)], p=c.color_jitter_p),
             v2.RandomGrayscale(p=c.grayscale_p),
-            v2.RandomApply([v2.GaussianBlur(kernel, sigma=sigma)], p=c.blur_p),
+            v2.RandomApply([PILGaussianBlur(sigma)], p=c.blur_p),
             v2.RandomHorizontalFlip(),
-            v2.Normalize(preprocessing.mean, preprocessing.std),
+            v2.PILToTensor(),
+            preprocessing.normalize(),
         ])
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        plain = self.preprocessing.denormalize(images)
-        return torch.stack([self.transform(image) for image in plain])
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> Sample:
+        record = self.records[index]
+        image = RecordDataset._image(record).convert(self.preprocessing.color_mode)
+        views = torch.stack([self.transform(image), self.transform(image)])
+        return Sample(views, record.label, torch.zeros(0, dtype=torch.uint8), record.path, record.defect_type)
+
+
+def records_of(dataset: Dataset) -> list[ImageRecord]:
+    """The image records behind a (possibly Subset-wrapped) record dataset, in its order."""
+    if isinstance(dataset, Subset):
+        inner = records_of(dataset.dataset)
+        return [inner[i] for i in dataset.indices]
+    if not isinstance(dataset, RecordDataset):
+        raise ConfigError(f"msc: fine-tuning needs an image dataset, got {type(dataset).__name__}")
+    return dataset.records
+
+
+def views_loader(loader: DataLoader, config: MSCConfig, preprocessing: Preprocessing) -> DataLoader:
+    """The loader's batches (same sampler, batch size and workers) as pairs of augmented views."""
+    views = ContrastiveViews(records_of(loader.dataset), config, preprocessing)
+    return DataLoader(views, batch_size=loader.batch_size, sampler=loader.sampler, drop_last=loader.drop_last,
+                      num_workers=loader.num_workers, persistent_workers=loader.num_workers > 0)
 
 
 class KNNScorer(nn.Module):
@@ -185,19 +226,26 @@ class MeanShiftedContrastive(AnomalyModel):
 
     def _fine_tune(self, train_loader: DataLoader, val_loader: DataLoader | None, device: torch.device):
         c, t = self.config, self.train_config
-        augment = ContrastiveAugmentation(c, self.preprocessing)
         center = self.center.to(device)
         trainable = [p for p in self.network.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(trainable, lr=t.lr, weight_decay=t.weight_decay)
+        layout = torch.channels_last if c.memory_format == "channels_last" else torch.contiguous_format
+        self.network.to(memory_format=layout)
 
-        def step(images: torch.Tensor):
-            f1, f2 = self.network(augment(images)), self.network(augment(images))
+        def step(views: torch.Tensor):
+            """(B, 2, C, H, W) -> both views through the network at once (eval-mode BatchNorm:
+            the same features as two passes)."""
+            images = views.transpose(0, 1).flatten(0, 1).contiguous(memory_format=layout)
+            f1, f2 = self.network(images).chunk(2)
             return msc_loss(f1, f2, center, c.temperature, c.angular), {}
 
+        if val_loader is not None and len(val_loader.dataset) > 0:
+            val_loader = views_loader(val_loader, c, self.preprocessing)
         self.history += run_epochs(
-            self.network, optimizer, step, train_loader, val_loader, t.epochs, device,
-            t.mixed_precision, checkpoint=self.epoch_checkpoint, desc=self.name,
+            self.network, optimizer, step, views_loader(train_loader, c, self.preprocessing), val_loader,
+            t.epochs, device, t.mixed_precision, checkpoint=self.epoch_checkpoint, desc=self.name,
         )
+        self.network.to(memory_format=torch.contiguous_format)
 
     def _monitor(self, val_loader: DataLoader | None) -> dict[str, float]:
         """Normal-only statistic: mean kNN score of the held-out normal images (no test labels here)."""

@@ -1,6 +1,12 @@
 """MSC on one-class CIFAR-10 (bundled subset, all 10 classes, EfficientNet-Lite0 ImageNet weights offline).
 
-Per class, measured in one run: AUROC of the pretrained features with kNN scoring (epoch 0, the
+First, the training epoch against the official code's (github talreiss/Mean-Shifted-Anomaly-Detection,
+main.py run_epoch and utils.Transform, re-stated below with the same backbone): both train from the
+same pretrained weights and center on the same batches (the same shuffled image order, batch size
+and loader workers) of the first class's images; epochs alternate, --timing-repeats times, and the
+ratio official / project of the fastest epochs is printed (>= 1: the project is at least as fast).
+
+Then per class, measured in one run: AUROC of the pretrained features with kNN scoring (epoch 0, the
 official code's first line) next to the AUROC after mean-shifted contrastive fine-tuning, plus
 training and scoring throughput. Both models see only the normal class's training images; the test
 split is only scored. The pretrained test features do not depend on the class, so they are computed
@@ -12,7 +18,8 @@ paper's (SGD without momentum at a small lr follows the same path when lr x step
 --lr to override. Every setting is printed.
 
     python bench/msc.py [--classes airplane cat] [--train-images N] [--test-per-class N]
-                        [--epochs N] [--image-size PX] [--lr LR] [--threads 1]
+                        [--epochs N] [--image-size PX] [--lr LR] [--threads 1] [--workers 2]
+                        [--timing-images 192] [--timing-repeats 2] (--timing-images 0: no timing)
     CPU run measured (about 18 min on 2 busy cores):
     python bench/msc.py --image-size 96 --train-images 320 --epochs 3 --test-per-class 50 --threads 1
 """
@@ -20,23 +27,120 @@ paper's (SGD without momentum at a small lr follows the same path when lr x step
 from __future__ import annotations
 
 import argparse
+import os
+import random
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+import torchvision.transforms as T
+from PIL import ImageFilter
 from sklearn.metrics import roc_auc_score
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing the package
 
 from anomaly_models import build_model  # noqa: E402
 from anomaly_models.data import CIFAR10_CLASSES, OneClassCIFAR10, default_data_root  # noqa: E402
-from anomaly_models.msc import TRAIN_DEFAULTS  # noqa: E402
+from anomaly_models.backbones import build_backbone  # noqa: E402
+from anomaly_models.data.common import RecordDataset  # noqa: E402
+from anomaly_models.msc import TRAIN_DEFAULTS, records_of  # noqa: E402
 
 PAPER_TRAIN_IMAGES = 5000  # CIFAR-10 images per class in the paper's training set
+
+
+class OfficialBlur:
+    """utils.GaussianBlur of the official code."""
+
+    def __init__(self, sigma=(0.1, 2.0)):
+        self.sigma = sigma
+
+    def __call__(self, x):
+        return x.filter(ImageFilter.GaussianBlur(radius=random.uniform(self.sigma[0], self.sigma[1])))
+
+
+class OfficialViews(Dataset):
+    """The official training set: images held in memory (PIL), two views by utils.Transform
+    (torchvision v1, MoCo v2), with the backbone's normalisation instead of ImageNet's."""
+
+    def __init__(self, images, size, mean, std):
+        self.images = images
+        self.moco_transform = T.Compose([
+            T.RandomResizedCrop(size, scale=(0.2, 1.)),
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+            T.RandomApply([OfficialBlur([.1, 2.])], p=0.5),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(mean, std)])
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        x = self.images[index]
+        return (self.moco_transform(x), self.moco_transform(x)), 0
+
+
+def official_contrastive_loss(out_1, out_2):
+    """main.py contrastive_loss, verbatim (temperature 0.25)."""
+    out_1 = F.normalize(out_1, dim=-1)
+    out_2 = F.normalize(out_2, dim=-1)
+    bs = out_1.size(0)
+    temp = 0.25
+    out = torch.cat([out_1, out_2], dim=0)
+    sim_matrix = torch.exp(torch.mm(out, out.t().contiguous()) / temp)
+    mask = (torch.ones_like(sim_matrix) - torch.eye(2 * bs, device=sim_matrix.device)).bool()
+    sim_matrix = sim_matrix.masked_select(mask).view(2 * bs, -1)
+    pos_sim = torch.exp(torch.sum(out_1 * out_2, dim=-1) / temp)
+    pos_sim = torch.cat([pos_sim, pos_sim], dim=0)
+    return (- torch.log(pos_sim / sim_matrix.sum(dim=-1))).mean()
+
+
+def official_epoch(model, train_loader, optimizer, center, device) -> float:
+    """main.py run_epoch (angular off): seconds for one epoch."""
+    started = time.perf_counter()
+    for ((img1, img2), _) in train_loader:
+        img1, img2 = img1.to(device), img2.to(device)
+        optimizer.zero_grad()
+        out_1 = model(img1) - center
+        out_2 = model(img2) - center
+        loss = official_contrastive_loss(out_1, out_2)
+        loss.backward()
+        optimizer.step()
+    return time.perf_counter() - started
+
+
+def epoch_time_ratio(train_set, config, train, preprocessing, args) -> float:
+    """Alternating official and project epochs on the same batches; official / project seconds."""
+    loader = lambda dataset: DataLoader(dataset, batch_size=args.batch_size, shuffle=True,  # noqa: E731
+                                        generator=torch.Generator().manual_seed(0), num_workers=args.workers)
+    project_train = {**train, "epochs": 1, "lr": TRAIN_DEFAULTS["lr"]}
+    probe = build_model("msc", config, {**project_train, "epochs": 0}, preprocessing)
+    probe.fit(loader(train_set))
+    official = build_backbone(args.backbone, args.weights).eval()  # main.py: model.eval(), never train()
+    optimizer = torch.optim.SGD(official.parameters(), lr=TRAIN_DEFAULTS["lr"], weight_decay=TRAIN_DEFAULTS["weight_decay"])
+    images = [RecordDataset._image(r).convert("RGB") for r in records_of(train_set)]
+    p = probe.preprocessing
+    official_set = OfficialViews(images, p.output_size, list(p.mean), list(p.std))
+    device = next(probe.network.parameters()).device
+    best = {"official": float("inf"), "project": float("inf")}
+    for repeat in range(args.timing_repeats):
+        seconds = {"official": official_epoch(official, loader(official_set), optimizer, probe.center.to(device), device)}
+        model = build_model("msc", config, project_train, preprocessing)
+        seconds["project"] = model.fit(loader(train_set))[1]["seconds"]
+        print(f"epoch time, repeat {repeat + 1}: official {seconds['official']:.1f} s, project {seconds['project']:.1f} s",
+              flush=True)
+        best = {k: min(best[k], seconds[k]) for k in best}
+    ratio = best["official"] / best["project"]
+    print(f"epoch time ({len(train_set)} images, batch {args.batch_size}, {args.workers} loader workers, "
+          f"{p.output_size} px): official {best['official']:.1f} s, project {best['project']:.1f} s; "
+          f"official / project {ratio:.2f} (target >= 1.0): {'PASS' if ratio >= 1.0 else 'FAIL'}", flush=True)
+    return ratio
 
 
 def main() -> None:
@@ -54,6 +158,9 @@ def main() -> None:
     parser.add_argument("--angular", action="store_true")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--workers", type=int, default=2, help="training loader workers (official: 2)")
+    parser.add_argument("--timing-images", type=int, default=192, help="epoch-time comparison; 0: skip it")
+    parser.add_argument("--timing-repeats", type=int, default=2)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -85,11 +192,14 @@ def main() -> None:
           flush=True)
 
     started = time.perf_counter()
+    if args.timing_images:
+        timing_set = Subset(train_sets[args.classes[0]].dataset, list(range(args.timing_images)))
+        epoch_time_ratio(timing_set, config, train, preprocessing, args)
     test_features = None
     rows = []
     for name in args.classes:
         loader = DataLoader(train_sets[name], batch_size=args.batch_size, shuffle=True,
-                            generator=torch.Generator().manual_seed(0))
+                            generator=torch.Generator().manual_seed(0), num_workers=args.workers)
         labels = (classes != name).astype(int)
         epoch0 = build_model("msc", config, {**train, "epochs": 0}, preprocessing)
         epoch0.fit(loader)
@@ -119,7 +229,10 @@ def main() -> None:
     for name, auc0, auc, train_rate, rate, _ in rows:
         print(f"{name:<12} {auc0:>8.4f} {auc:>10.4f} {train_rate:>12.1f} {rate:>12.1f}")
     print(f"{'mean':<12} {np.mean([r[1] for r in rows]):>8.4f} {np.mean([r[2] for r in rows]):>10.4f}")
-    print(f"pretrained test-feature extraction: {score0_rate:.1f} img/s; total {time.perf_counter() - started:.0f} s")
+    times = os.times()  # loader workers count once they have exited
+    cpu = times.user + times.system + times.children_user + times.children_system
+    print(f"pretrained test-feature extraction: {score0_rate:.1f} img/s; total {time.perf_counter() - started:.0f} s "
+          f"wall, {cpu / 60:.1f} CPU-minutes (this process and its loader workers, timing included)")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from anomaly_models import build_model, load_model
 from anomaly_models.backbones import SPECS
 from anomaly_models.data import OneClassCIFAR10
 from anomaly_models.errors import CheckpointError, ConfigError
-from anomaly_models.msc import ContrastiveAugmentation, msc_loss, nt_xent
+from anomaly_models.msc import ContrastiveViews, msc_loss, nt_xent, records_of
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -119,12 +119,32 @@ def test_save_load_batch_of_one_grayscale_and_bad_weights(cifar_root, tmp_path):
         build_model("msc", {"crop_scale": [1.0, 0.2]})
 
 
-def test_augmentations_work_on_normalised_tensors(cifar_root):
+def test_views_are_augmented_from_the_original_image_with_one_resampling(cifar_root):
     model = build_model("msc", {"weights": "none"}, {"device": "cpu"}, {"image_size": 64})
-    images = next(iter(small_loader(cifar_root, "train", model, 4, 4))).image
+    data = small_loader(cifar_root, "train", model, 4, 4).dataset
     torch.manual_seed(0)
-    views = ContrastiveAugmentation(model.config, model.preprocessing)(images)
-    assert views.shape == images.shape and not torch.equal(views, images)
-    back = model.preprocessing.denormalize(views)
-    assert back.min() >= 0 and back.max() <= 1
-    assert views.min() >= (0 - 0.498) / 0.502 - 1e-5  # normalised with the backbone's statistics
+    views = ContrastiveViews(records_of(data), model.config, model.preprocessing)
+    pair = views[0].image
+    assert pair.shape == (2, 3, 64, 64) and not torch.equal(pair[0], pair[1])
+    assert pair.min() >= (0 - 0.498) / 0.502 - 1e-5 and pair.max() <= (1 - 0.498) / 0.502 + 1e-5
+
+    # without random crops or colour changes a view is the 32 px original resized once to 64 px,
+    # i.e. the model's input (up to PIL's and torch's rounding), possibly mirrored
+    plain = replace(model.config, crop_scale=(1.0, 1.0), color_jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
+    view = ContrastiveViews(records_of(data), plain, model.preprocessing)[1].image[0]
+    reference = data[1].image
+    step = 2.5 / 255 / 0.502  # normalised units
+    assert min((view - reference).abs().mean(), (view - reference.flip(-1)).abs().mean()) < step
+
+
+def test_fine_tuning_loader_keeps_batches_and_workers(cifar_root):
+    """Two loader workers make the views; the history is that of a normal run."""
+    model = build_model("msc", {"backbone": "resnet18", "weights": "none"},
+                        {"epochs": 1, "lr": 0.01, "device": "cpu"}, {"image_size": 32})
+    data = OneClassCIFAR10(cifar_root, "airplane", "train", model.preprocessing, cache=True)
+    loader = DataLoader(Subset(data, list(range(6))), batch_size=3, shuffle=True, num_workers=2,
+                        generator=torch.Generator().manual_seed(0))
+    history = model.fit(loader)
+    assert len(history) == 2 and np.isfinite(history[1]["train_loss"])
+    with pytest.raises(ConfigError, match="needs an image dataset"):
+        records_of(torch.utils.data.TensorDataset(torch.zeros(2, 3, 32, 32)))
