@@ -6,6 +6,7 @@ dvc.lock or in a `.dvc` file), so an MLflow run can be traced to the exact data 
 
 from __future__ import annotations
 
+import logging
 from contextlib import chdir
 from pathlib import Path
 
@@ -22,6 +23,9 @@ def commit_data_version(workdir: Path, data_dir: Path) -> str | None:
         print(f"{workdir} is not a DVC project: the data is not versioned")
         return None
     target = _relative(workdir, data_dir)
+    dvc_log = logging.getLogger("dvc")
+    level = dvc_log.level
+    dvc_log.setLevel(logging.WARNING)  # its lock-file notes, printed again by Prefect's handler
     with chdir(workdir):  # DVC resolves stage paths against the working directory
         repo = Repo(".")
         stages = [s for s in repo.index.stages if any(str(o.def_path) == target for o in s.outs)]
@@ -31,6 +35,7 @@ def commit_data_version(workdir: Path, data_dir: Path) -> str | None:
             repo.add(target)
         if repo.config.get("core", {}).get("remote"):
             repo.push()
+    dvc_log.setLevel(level)
     return data_version(workdir, data_dir)
 
 
