@@ -17,11 +17,11 @@ from anomaly_models.errors import ConfigError, DataError
 from anomaly_models.evaluation import evaluate, predict_dataset
 from anomaly_models.scoring import residual_map
 from anomaly_models.ssae import CorruptionConfig
-from anomaly_models.ssae.model import batch_generator
+from anomaly_models.ssae.model import batch_generator, random_crops
 from anomaly_models.ssae.visual import save_visual_check
 from anomaly_models.transforms import Preprocessing
 
-KINDS = ("patch", "texture", "color", "elastic")
+KINDS = ("patch", "texture", "color", "elastic", "solid")
 TINY = {"base_channels": 8, "dilation_rates": [1, 2, 4, 8]}
 
 
@@ -206,3 +206,29 @@ def test_config_defaults_follow_the_issue():
     assert config.dilation_rates == (1, 2, 4, 8, 16, 32)
     assert build_model("ssae").preprocessing.image_size == 256
     assert dataclasses.asdict(config)["corruption"]["gaussian_noise_std"] == 0.0
+
+
+def test_trains_on_random_crops_and_scores_whole_images(one_thread):
+    model = build_model("ssae", config={**TINY, "train_crop_size": 16},
+                        train={"epochs": 1, "batch_size": 4, "device": "cpu"}, preprocessing={"image_size": 32})
+    history = model.fit(loader(smooth_images(8, 32, 0), batch_size=4))
+    assert np.isfinite(history[0]["train_loss"])
+    scores, maps = model.predict(smooth_images(2, 32, 1))
+    assert maps.shape == (2, 32, 32) and scores.shape == (2,)
+    crops = random_crops(smooth_images(3, 32, 2), 16, batch_generator(0, 0, 0))
+    assert crops.shape == (3, 3, 16, 16)
+    with pytest.raises(ConfigError, match="model.ssae.train_crop_size: expected a multiple of 4"):
+        build_model("ssae", config={"train_crop_size": 18})
+    too_big = build_model("ssae", config={**TINY, "train_crop_size": 64}, preprocessing={"image_size": 32})
+    with pytest.raises(ConfigError, match="train_crop_size: 64 is larger than the images"):
+        too_big.fit(loader(smooth_images(4, 32, 0)))
+
+
+def test_solid_fills_are_near_black_or_white(bottle_batch):
+    only_solid = {f"{k}_weight": float(k == "solid") for k in KINDS}
+    model = build_model("ssae", config={"corruption": {"probability": 1.0, "opacity": [1.0, 1.0], **only_solid}})
+    corrupt = model.corruption()
+    corrupted, mask = corrupt(bottle_batch, batch_generator(0, 0, 1))
+    level = ((corrupted - corrupt.low.view(1, -1, 1, 1)) / (corrupt.high - corrupt.low).view(1, -1, 1, 1))
+    inside = level.permute(1, 0, 2, 3)[:, mask]
+    assert ((inside <= 0.25 + 1e-5) | (inside >= 0.75 - 1e-5)).all()

@@ -16,9 +16,12 @@ follow-up's isotropic Gaussian noise that is added AND kept ("preserved"), i.e. 
 alike; scoring by the squared residual averaged over channels, Gaussian-smoothed, image score its
 maximum (or top-k mean). Ours, since no code or exact recipe is public: the concrete corruption
 mix and every default of `CorruptionConfig` (blob-shaped regions of 5-35 % of the image side,
-four fill kinds with equal weight, opacity 0.6-1, 90 % of images corrupted, Gaussian noise off by
-default as its std is not known to us), the network layout (see `model.py`), plain L2 loss over
-all pixels, AdamW with a cosine schedule, and the reading of "preserved" noise above.
+params.yaml 5-50 %; five fill kinds with equal weight, among them flat dark/bright fills added
+after the visual check showed large dark defects reproduced; opacity 0.6-1, 90 % of images
+corrupted, Gaussian noise off by default as its std is not known to us), the network layout (see
+`model.py`), plain L2 loss over all pixels, AdamW with a cosine schedule, training on random
+crops (`train_crop_size`, params.yaml 128 px of 256 px images) while scoring whole images, and
+the reading of "preserved" noise above.
 
 Input handling: images of any size are resized to `preprocessing.image_size` by the dataset
 (small ones are upsampled); a `crop_size` larger than `image_size` is a ConfigError, and so is an

@@ -8,7 +8,9 @@ size, aspect and angle whose boundary is bent by smooth noise). A region is fill
 - texture: a procedural texture drawn in two random colours: multi-octave value noise
            (Perlin-like), stripes of random frequency and angle, or thresholded noise blobs;
 - color:   the original content under a random per-channel gain and offset;
-- elastic: the original content warped by a small smooth random displacement field.
+- elastic: the original content warped by a small smooth random displacement field;
+- solid:   a flat grey near black or near white (dark holes and bright glare, as large broken or
+           missing parts look: a repair must replace them, not reproduce them).
 
 The fill is blended in with a random opacity, so defects range from faint to opaque. Pixels
 outside the regions are never written, so they stay bit-identical; the returned mask marks
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 
 from anomaly_models.errors import ConfigError
 
-KINDS = ("patch", "texture", "color", "elastic")
+KINDS = ("patch", "texture", "color", "elastic", "solid")
 TEXTURES = ("noise", "stripes", "blobs")
 
 
@@ -47,12 +49,14 @@ class CorruptionConfig:
     texture_weight: float = 1.0
     color_weight: float = 1.0
     elastic_weight: float = 1.0
+    solid_weight: float = 1.0
     shifted_copy_probability: float = 0.5  # patch fills taken from the image itself (vs another one)
     texture_octaves: int = 4  # octaves of the Perlin-like value noise
     stripe_cycles: tuple[float, ...] = (2.0, 8.0)  # (min, max) stripe periods across a region
     color_strength: float = 0.5  # color fills: gain in 1 +- strength, offset in +- strength * range
     elastic_magnitude: float = 0.03  # std of elastic displacements, fraction of image side
     elastic_grid: int = 4  # control points per side of the random displacement field
+    solid_range: float = 0.25  # solid fills: grey within this fraction of the range from black or white
     # Std of whole-image Gaussian noise added to input AND target during training, in units of
     # the normalised image (0 turns it off; the follow-up paper's identity anchor).
     gaussian_noise_std: float = 0.0
@@ -71,7 +75,8 @@ class CorruptionConfig:
         check(0.0 <= self.boundary_roughness < 1.0, "boundary_roughness", "a number in [0, 1)")
         check(_is_range(self.opacity, 0.0, 1.0) and self.opacity[1] > 0, "opacity",
               "[min, max] with 0 <= min <= max <= 1 and max > 0")
-        weights = (self.patch_weight, self.texture_weight, self.color_weight, self.elastic_weight)
+        weights = (self.patch_weight, self.texture_weight, self.color_weight, self.elastic_weight,
+                   self.solid_weight)
         check(min(weights) >= 0 and sum(weights) > 0, "patch_weight",
               "non-negative *_weight values, not all zero")
         check(0.0 <= self.shifted_copy_probability <= 1.0, "shifted_copy_probability", "a number in [0, 1]")
@@ -81,11 +86,13 @@ class CorruptionConfig:
         check(self.color_strength > 0, "color_strength", "a number > 0")
         check(self.elastic_magnitude >= 0, "elastic_magnitude", "a number >= 0")
         check(self.elastic_grid >= 2, "elastic_grid", "an integer >= 2")
+        check(0.0 <= self.solid_range <= 1.0, "solid_range", "a number in [0, 1]")
         check(self.gaussian_noise_std >= 0, "gaussian_noise_std", "a number >= 0")
 
     @property
     def kind_weights(self) -> torch.Tensor:
-        return torch.tensor([self.patch_weight, self.texture_weight, self.color_weight, self.elastic_weight])
+        return torch.tensor([self.patch_weight, self.texture_weight, self.color_weight, self.elastic_weight,
+                             self.solid_weight])
 
 
 def _is_range(values: tuple[float, ...], low: float, high: float) -> bool:
@@ -140,6 +147,8 @@ class Corruption:
             fill = self._texture(h, w, g).to(images.device)
         elif kind == "color":
             fill = self._color(original, g)
+        elif kind == "solid":
+            fill = self._solid(g).to(images.device).expand_as(original)
         else:
             fill = self._elastic(out[b], box, g)
         alpha = _uniform(g, *c.opacity)
@@ -198,6 +207,13 @@ class Corruption:
         low, high = self.low.to(original.device), self.high.to(original.device)
         changed = original * gain.to(original.device) + offset.to(original.device)
         return torch.maximum(torch.minimum(changed, high), low)
+
+    def _solid(self, g: torch.Generator) -> torch.Tensor:
+        """(C, 1, 1): one grey level, dark or bright with equal odds, as per-channel values."""
+        level = _uniform(g, 0, self.config.solid_range)
+        if _uniform(g) < 0.5:
+            level = 1 - level
+        return self.low + (self.high - self.low) * level
 
     def _elastic(self, image: torch.Tensor, box: tuple[slice, slice], g: torch.Generator) -> torch.Tensor:
         """The box of `image` sampled through a smooth random displacement field (border: replicate)."""

@@ -50,6 +50,10 @@ class SSAEConfig:
     smoothing_sigma: float = 4.0  # Gaussian smoothing of the anomaly map, in pixels
     score_reduction: ScoreReduction = "max"
     top_k: int = 100  # pixels averaged when score_reduction is topk_mean
+    # Training on random square crops of this side from each (image_size) training image, scoring
+    # whole images: the network is fully convolutional. None: train on whole images.
+    train_crop_size: int | None = None
+    channels_last: bool = True  # NHWC memory format for training and scoring (faster CPU convolutions)
     corruption: CorruptionConfig = CorruptionConfig()
 
     def __post_init__(self):
@@ -62,6 +66,12 @@ class SSAEConfig:
         if not self.dilation_rates or min(self.dilation_rates) < 1:
             rates = list(self.dilation_rates)
             raise ConfigError(f"model.ssae.dilation_rates: expected rates >= 1, got {rates}")
+        factor = 2**self.num_downsamples
+        if self.train_crop_size is not None and (self.train_crop_size < factor or self.train_crop_size % factor):
+            raise ConfigError(
+                f"model.ssae.train_crop_size: expected a multiple of {factor} "
+                f"(2**num_downsamples), got {self.train_crop_size}"
+            )
 
     def widths(self) -> list[int]:
         """Channels at full resolution, 1/2, ..., 1/2**num_downsamples."""
@@ -169,10 +179,16 @@ class SelfSupervisedAutoencoder(AnomalyModel):
 
     def fit(self, train_loader: DataLoader, val_loader: DataLoader | None = None) -> list[dict]:
         self._check_size(self.preprocessing.output_size)
+        crop = self.config.train_crop_size
+        if crop is not None and crop > self.preprocessing.output_size:
+            raise ConfigError(
+                f"model.ssae.train_crop_size: {crop} is larger than the images "
+                f"({self.preprocessing.output_size} px, preprocessing.image_size)"
+            )
         t = self.train_config
         seed_everything(t.seed)
         device = resolve_device(t.device)
-        self.network.to(device)
+        self.network.to(device, memory_format=self.memory_format)
         optimizer = torch.optim.AdamW(self.network.parameters(), lr=t.lr, weight_decay=t.weight_decay)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(t.epochs, 1))
         corrupt = self.corruption()
@@ -188,6 +204,9 @@ class SelfSupervisedAutoencoder(AnomalyModel):
             else:
                 generator = batch_generator(t.seed, 1, val_batches[0])
                 val_batches[0] += 1
+            if crop is not None:
+                images = random_crops(images, crop, generator)
+            images = images.contiguous(memory_format=self.memory_format)
             corrupted, changed = corrupt(images, generator)
             target = images
             if noise_std > 0:
@@ -207,12 +226,17 @@ class SelfSupervisedAutoencoder(AnomalyModel):
         self.network.cpu().eval()
         return self.history
 
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.config.channels_last else torch.contiguous_format
+
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_size(*images.shape[-2:])
         scorer = self.scorer().eval()
         device = next(self.network.parameters()).device
-        scores, maps = scorer(images.to(device))
+        self.network.to(memory_format=self.memory_format)
+        scores, maps = scorer(images.to(device).contiguous(memory_format=self.memory_format))
         return scores.cpu(), maps.cpu()
 
     @torch.no_grad()
@@ -237,6 +261,14 @@ class SelfSupervisedAutoencoder(AnomalyModel):
                     f"preprocessing.image_size: {size} is not divisible by {factor} "
                     f"(2**model.{self.name}.num_downsamples)"
                 )
+
+
+def random_crops(images: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """(B, C, size, size): one square crop per image, at a position drawn from `generator`."""
+    _, _, height, width = images.shape
+    tops = torch.randint(0, height - size + 1, (len(images),), generator=generator).tolist()
+    lefts = torch.randint(0, width - size + 1, (len(images),), generator=generator).tolist()
+    return torch.stack([image[:, y:y + size, x:x + size] for image, y, x in zip(images, tops, lefts)])
 
 
 def batch_generator(seed: int, stream: int, index: int) -> torch.Generator:
