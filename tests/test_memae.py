@@ -200,3 +200,24 @@ def test_cli_trains_and_evaluates_memae_on_real_bottle(tmp_path, mvtec_root):
     metrics_path = tmp_path / "m.json"
     assert main(["evaluate", "--model", str(model_path), "--out", str(metrics_path), "--device", "cpu"]) == 0
     assert '"pixel_auroc"' in metrics_path.read_text()
+
+
+def test_image_scope_addresses_one_prototype_per_image():
+    """memory_scope image: the whole latent map is one query, items hold latent_channels x h x w values."""
+    torch.manual_seed(0)
+    config = {"base_channels": 8, "max_channels": 16, "num_downsamples": 2, "latent_channels": 4,
+              "memory_size": 10, "memory_scope": "image"}
+    pre = {"image_size": 28, "color_mode": "L", "mean": [0.5], "std": [0.5]}
+    model = build_model("memae", config, {"epochs": 1, "device": "cpu"}, pre)
+    assert model.network.memory.weight.shape == (10, 4 * 7 * 7)
+    images = torch.randn(3, 1, 28, 28)
+    reconstruction, weights = model.network.reconstruct(images)
+    assert reconstruction.shape == images.shape and weights.shape == (3, 10, 1)
+    sums = weights.sum(dim=1)
+    assert torch.all(((sums - 1).abs() < 1e-5) | (sums == 0))
+    record = model.fit([SimpleNamespace(image=images)])[0]
+    assert 0 < record["memory_slots_used"] <= 10 and "train_entropy" in record
+    with pytest.raises(ConfigError, match="memory_scope image reads 28 px images only"):
+        model.predict(torch.zeros(1, 1, 32, 32))
+    with pytest.raises(ConfigError, match="model.memae.memory_scope: 'pixel' is not allowed"):
+        build_model("memae", {"memory_scope": "pixel"})
