@@ -3,8 +3,8 @@
 Input: a DataFrame with an `image` column of base64-encoded PNG/JPEG bytes (or HxW / HxWxC uint8
 arrays). Output: one row per image with `score`, and `label` (1 = anomalous) and `normalized_score` when
 the model carries a threshold; `params={"return_maps": true}` adds each anomaly map. Bad requests
-(no images, undecodable payloads, images above MAX_IMAGE_PIXELS) get a 400 with a message naming
-the row; grayscale images for an RGB model are converted, as `anomaly predict` does. The model's own preprocessing is applied inside, so served scores equal
+(no images, undecodable payloads, images above the library's MAX_IMAGE_PIXELS, pixel formats that
+cannot become 8-bit) get a 400 with a message naming the row; grayscale images for an RGB model are converted, as `anomaly predict` does. The model's own preprocessing is applied inside, so served scores equal
 `anomaly evaluate`'s.
 """
 
@@ -23,6 +23,8 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from anomaly_models.data.common import MAX_IMAGE_PIXELS, load_image
+from anomaly_models.errors import DataError
 from anomaly_models.thresholds import normalize
 
 SIGNATURE = ModelSignature(
@@ -31,7 +33,6 @@ SIGNATURE = ModelSignature(
                     ColSpec("double", "normalized_score", required=False)]),
     params=ParamSchema([ParamSpec("return_maps", "boolean", False)]),
 )
-MAX_IMAGE_PIXELS = 40_000_000  # larger requests are refused (400), not allowed to exhaust memory
 # What the library (logged with the model as code) imports; pinned to the versions it was logged with.
 LIBRARY_REQUIREMENTS = (
     "torch", "torchvision", "numpy", "scipy", "scikit-learn", "pillow", "pandas", "pyyaml", "tqdm",
@@ -68,23 +69,34 @@ class AnomalyPyfunc(mlflow.pyfunc.PythonModel):
 
 
 def _decode(item, index: int) -> Image.Image:
-    """One request image -> PIL image, or a 400 error naming the row."""
+    """One request image -> PIL image, or a 400 error naming the row. Bytes go through the
+    library's one image reader (the same limits, checks and conversions as `anomaly predict`)."""
     try:
         if isinstance(item, str):
-            image = Image.open(io.BytesIO(base64.b64decode(item, validate=True)))
-        elif isinstance(item, (bytes, bytearray)):
-            image = Image.open(io.BytesIO(item))
-        else:
-            image = Image.fromarray(np.asarray(item, dtype=np.uint8))
-        if image.width * image.height > MAX_IMAGE_PIXELS:
-            raise _bad_request(f"row {index}: image is {image.width}x{image.height}, above the "
-                               f"{MAX_IMAGE_PIXELS} pixel limit")
-        image.load()
-        return image
-    except MlflowException:
-        raise
-    except Exception as error:  # PIL and base64 raise many types for a bad payload
-        raise _bad_request(f"row {index}: not a decodable image ({error})") from None
+            try:
+                item = base64.b64decode(item, validate=True)
+            except ValueError:
+                raise DataError(f"row {index}: not base64") from None
+        if isinstance(item, (bytes, bytearray)):
+            return load_image(io.BytesIO(item), f"row {index}")
+        return _array_image(np.asarray(item), index)
+    except DataError as error:
+        raise _bad_request(str(error)) from None
+
+
+def _array_image(pixels: np.ndarray, index: int) -> Image.Image:
+    """An HxW or HxWxC array of 0..255 integers; any other array is refused, not cast (a cast
+    would turn floats in [0, 1] into a black image)."""
+    if pixels.ndim == 3 and pixels.shape[2] == 1:
+        pixels = pixels[..., 0]
+    if pixels.dtype.kind not in "ui" or pixels.ndim not in (2, 3) or (pixels.ndim == 3 and pixels.shape[2] not in (3, 4)):
+        raise DataError(f"row {index}: expected an HxW or HxWxC (C 1, 3 or 4) array of 0..255 integers, "
+                        f"got {pixels.dtype} of shape {pixels.shape}")
+    if pixels.shape[0] * pixels.shape[1] > MAX_IMAGE_PIXELS:
+        raise DataError(f"row {index}: image is above the limit of {MAX_IMAGE_PIXELS} pixels")
+    if pixels.size and (pixels.min() < 0 or pixels.max() > 255):
+        raise DataError(f"row {index}: pixel values must be in 0..255, got {pixels.min()}..{pixels.max()}")
+    return Image.fromarray(pixels.astype(np.uint8))
 
 
 def _bad_request(message: str) -> MlflowException:

@@ -1,7 +1,8 @@
 """What every dataset shares: the sample layout, safe image loading and the folder-backed dataset.
 
 A dataset is a list of `ImageRecord`s (where an image comes from, its label, its mask) plus the
-`Preprocessing` of the model that reads it. Loading errors name the file; with
+`Preprocessing` of the model that reads it. `load_image` is the one way every door (train,
+prepare, predict, the retrain inbox, serving) reads an image; its errors name the file. With
 `on_bad_image="skip"` every image is decoded once up front and the unreadable ones are left out
 with a warning, so one bad file does not stop a run.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal, NamedTuple
+from typing import BinaryIO, Callable, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -19,9 +20,17 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from anomaly_models.errors import DataError
+from anomaly_models.files import display_path
 from anomaly_models.transforms import Preprocessing
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+MAX_IMAGE_PIXELS = 40_000_000  # larger images are refused before decoding, wherever they are read
+EIGHT_BIT_MODES = ("1", "L", "P", "LA", "PA", "La", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr")
+SIXTEEN_BIT_GRAY = ("I;16", "I;16L", "I;16B", "I;16N")
+# PIL warns (a stray stderr line) about images between its own pixel limit and twice that, and
+# raises above; both are far above ours, and both end as the same DataError. Set once, not per
+# call: warnings.catch_warnings is not thread-safe, and predict decodes in threads.
+warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
 MASK_THRESHOLD = 128  # mask pixels >= this (of 255) are anomalous; tolerates JPEG-compressed masks
 
 
@@ -56,16 +65,49 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open and fully decode an image, turning any decoding failure into a DataError naming it."""
+def load_image(source: str | Path | BinaryIO, name: str | None = None) -> Image.Image:
+    """Open and fully decode an image (a path, or a binary stream called `name` in messages).
+
+    Every way this can fail is a DataError naming the image, never PIL's own exception: missing or
+    unreadable, not an image, damaged or truncated, too large (refused from the header, before
+    decoding: a decompression bomb), a pixel format that cannot become 8-bit without changing what
+    it shows, or a file name that is not UTF-8 (it could not be written to a manifest or a CSV).
+    16-bit grayscale keeps its high byte, as PIL does for 16-bit colour; the result is 8-bit.
+    """
+    if name is None:
+        name = display_path(source)
+        if name != str(source):
+            raise DataError(f"file name is not valid UTF-8: {name} (rename the file)")
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise DataError(f"image {name} is {image.width}x{image.height}, above the limit of "
+                                f"{MAX_IMAGE_PIXELS} pixels (a decompression bomb?)")
             image.load()
-            return image.copy()
+            return _eight_bit(image, name)
     except FileNotFoundError:
-        raise DataError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise DataError(f"cannot read image {path}: {error}") from None
+        raise DataError(f"image not found: {name}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise DataError(f"image {name} is above the limit of {MAX_IMAGE_PIXELS} pixels "
+                        "(a decompression bomb?)") from None
+    except UnidentifiedImageError:
+        raise DataError(f"cannot read image {name}: not an image format PIL reads") from None
+    except (IsADirectoryError, PermissionError) as error:
+        raise DataError(f"cannot read image {name}: {error.strerror}") from None
+    except DataError:
+        raise
+    except Exception as error:  # PIL's decoders raise many types (OSError, SyntaxError, ...) for damaged data
+        raise DataError(f"cannot read image {name}: damaged or truncated ({error})") from None
+
+
+def _eight_bit(image: Image.Image, name: str) -> Image.Image:
+    """The decoded image in an 8-bit mode; formats PIL would clip or misread are refused."""
+    if image.mode in SIXTEEN_BIT_GRAY:  # PIL's convert("L") clips these at 255
+        return Image.fromarray((np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8))
+    if image.mode not in EIGHT_BIT_MODES:
+        raise DataError(f"image {name} has pixel format {image.mode!r}, which cannot be converted to "
+                        "8-bit without changing it: save it as 8- or 16-bit grayscale or colour")
+    return image.copy()
 
 
 def split_normal(items: list, val_fraction: float, seed: int) -> tuple[list, list]:

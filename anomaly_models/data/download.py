@@ -212,7 +212,7 @@ def download_file(
             unit_scale=True,
             unit_divisor=1024,
             desc=dest.name,
-            disable=not progress,
+            disable=None if progress else True,  # None: no bar when stderr is not a terminal (logs)
         )
         with bar, open(part, "ab" if offset else "wb") as out:
             try:
@@ -318,7 +318,7 @@ def _fetch(source: Source, archive: Path) -> Path:
             failures.append(str(e))
             if i + 1 < len(source.urls):
                 logger.warning("%s; trying the next source", e)
-    raise DownloadError(f"could not download {source.filename} from any source:\n  " + "\n  ".join(failures))
+    raise DownloadError(f"could not download {source.filename} from any source: " + "; ".join(failures))
 
 
 def download_dataset(

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from anomaly_models.config import DataConfig, to_dict
 from anomaly_models.data import build_dataset
 from anomaly_models.errors import DataError
-from anomaly_models.files import atomic_write_text, file_sha256
+from anomaly_models.files import atomic_write_text, display_path, file_sha256
 from anomaly_models.transforms import Preprocessing
 
 SPLITS = ("train", "val", "test")
@@ -34,7 +34,7 @@ def build_manifest(config: DataConfig) -> dict[str, Any]:
         if failures and config.on_bad_image == "error":
             first = next(iter(failures.values()))
             raise DataError(f"{len(failures)} unreadable file(s) in the {split} split, e.g. {first}")
-        manifest["skipped"].update(failures)
+        manifest["skipped"].update({display_path(path): reason for path, reason in failures.items()})
         kept = [r for r in dataset.records if r.path not in failures]
         manifest["splits"][split] = [
             _entry(r) for r in tqdm(kept, desc=f"hash {split}", leave=False, disable=None)
