@@ -20,20 +20,25 @@ from typing import Any
 import yaml
 
 from anomaly_models.config import ModelConfig, Params, deep_merge, load_params, params_from_dict, to_dict
+from anomaly_models.data.common import check_folder
 from anomaly_models.errors import AnomalyError, ConfigError
-from anomaly_models.files import atomic_write_text
+from anomaly_models.files import atomic_write_text, check_writable
 
 EXIT_BAD_INPUT = 2
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help, or a bad flag (one line: _Parser.error)
+        return stop.code
     library_log = logging.getLogger("anomaly_models")
     library_log.setLevel(logging.INFO)
+    for old in [h for h in library_log.handlers if getattr(h, "anomaly_cli", False)]:
+        library_log.removeHandler(old)  # bound to the sys.stderr of an earlier in-process call
     # The library's progress lines, once: verbs that start a flow leave them to Prefect's console log.
-    if not getattr(args, "starts_flow", False) and not any(
-            getattr(h, "anomaly_cli", False) for h in library_log.handlers):
+    if not getattr(args, "starts_flow", False):
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         handler.anomaly_cli = True
@@ -44,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except AnomalyError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)  # one line, whatever the message
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -54,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
 def train(args: argparse.Namespace) -> int:
     from anomaly_models.runs import train_model
 
-    result = train_model(_params(args), args.out, resume=args.resume, data_hash=_data_hash(args.manifest))
+    params, data_hash = _params(args), _data_hash(args.manifest)
+    check_writable(args.out, "--out")
+    result = train_model(params, args.out, resume=args.resume, data_hash=data_hash)
     if result.skipped:
         print(f"{args.out} is up to date (same settings and data); not retrained")
         return 0
@@ -91,6 +98,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
     model = load_model(args.model)
     params = _params(args, base={"data": model.metadata.get("data") or {}, "model": {"method": model.name}})
+    _check_outputs(args, plots=True)
     if args.plots:  # everything a run records: curves, overlays, histogram, worst cases, report.html
         if not args.out:
             raise ConfigError("evaluate --plots needs --out (the metrics JSON the report is written with)")
@@ -102,11 +110,21 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def register(args: argparse.Namespace) -> int:
+    from anomaly_models import load_model
     from tasks.registry import register_trained
 
+    # Everything is checked before MLflow is touched: a bad input leaves no run and no version.
+    params = _params(args)
+    load_model(args.model)
+    gate = params.register.gate_metric
+    if _read_json(args.metrics, "--metrics").get(gate) is None:
+        raise ConfigError(f"--metrics {args.metrics}: no value of {gate} (register.gate_metric) to gate on")
+    if args.plots:
+        check_folder(Path(args.plots), "--plots folder")
+    _check_outputs(args)
     files = sorted(p for p in Path(args.plots).glob("*") if p.is_file()) if args.plots else []
     data_dir = Path(args.data_root) if args.data_root else None  # the DVC-tracked data: its version
-    decision = register_trained(_params(args), Path(args.model), Path(args.metrics), files, data_dir)
+    decision = register_trained(params, Path(args.model), Path(args.metrics), files, data_dir)
     if args.out:
         atomic_write_text(args.out, json.dumps(decision, indent=2) + "\n")
     return 0
@@ -137,19 +155,22 @@ predict: anomaly predict --model models:/{result['model_name']}@champion --input
 def predict(args: argparse.Namespace) -> int:
     from anomaly_models.predict import collect_inputs, predict_images
 
+    inputs = collect_inputs(args.input)
+    check_writable(args.out, "--out", folder=True)
     model = _resolve_model(args.model)
-    report = predict_images(model, collect_inputs(args.input), args.out, args.batch_size, args.device)
+    report = predict_images(model, inputs, args.out, args.batch_size, args.device)
     flagged = sum(1 for row in report.rows if row["label"] == 1)
     print(f"scored {len(report.rows)} image(s), {flagged} flagged anomalous; wrote {report.csv_path}")
-    for path, reason in report.unreadable.items():
-        print(f"skipped {path}: {reason}", file=sys.stderr)
-    return 0
+    for reason in report.unreadable.values():  # each names its file
+        print(f"skipped: {reason}", file=sys.stderr)
+    return EXIT_BAD_INPUT if report.unreadable else 0  # the readable ones are scored all the same
 
 
 def report(args: argparse.Namespace) -> int:
     from anomaly_models.report import write_report
     from anomaly_models.runs import evaluate_model
 
+    check_writable(args.out, "--out", folder=True)
     model = _resolve_model(args.model)
     params = _params(args, base={"data": model.metadata.get("data") or {}, "model": {"method": model.name}})
     result = evaluate_model(model, params, device=args.device or "auto")
@@ -161,6 +182,7 @@ def report(args: argparse.Namespace) -> int:
 def export(args: argparse.Namespace) -> int:
     from anomaly_models.export import export_onnx
 
+    check_writable(args.out, "--out")
     path = export_onnx(_resolve_model(args.model), args.out)
     print(f"wrote {path}")
     return 0
@@ -198,16 +220,40 @@ def _data_hash(manifest: str | None) -> str | None:
     """The data version recorded by `anomaly prepare`, when its manifest is given."""
     if not manifest:
         return None
+    data_hash = _read_json(manifest, "--manifest").get("data_hash")
+    if not isinstance(data_hash, str):
+        raise ConfigError(f"--manifest {manifest}: no data_hash (not written by `anomaly prepare`?)")
+    return data_hash
+
+
+def _read_json(path: str, flag: str) -> dict[str, Any]:
+    """A JSON object file named by `flag`; a missing, unreadable or malformed one fails naming it."""
     try:
-        return json.loads(Path(manifest).read_text())["data_hash"]
-    except (OSError, ValueError, KeyError) as error:
-        raise AnomalyError(f"cannot read manifest {manifest}: {error}") from None
+        value = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{flag} {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{flag} {path}: cannot read it ({error})") from None
+    except ValueError as error:
+        raise ConfigError(f"{flag} {path}: not valid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{flag} {path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _check_outputs(args: argparse.Namespace, plots: bool = False) -> None:
+    """--out (a file) and --plots (a folder), when given, can be written: checked before any work."""
+    if args.out:
+        check_writable(args.out, "--out")
+    if plots and args.plots:
+        check_writable(args.plots, "--plots", folder=True)
 
 
 def prepare(args: argparse.Namespace) -> int:
     from anomaly_models.data.prepare import write_manifest
 
     params = _params(args)
+    check_writable(args.out, "--out")
     manifest = write_manifest(params.data, args.out)
     counts = ", ".join(f"{split} {len(files)}" for split, files in manifest["splits"].items())
     print(f"{counts} images checked; {len(manifest['skipped'])} skipped; data hash "
@@ -219,6 +265,8 @@ def download(args: argparse.Namespace) -> int:
     from anomaly_models.data import default_data_root
     from anomaly_models.data.download import copy_dataset, download_dataset, materialise_dataset
 
+    if args.data_root:
+        check_writable(args.data_root, "--data-root", folder=True)
     if args.params:  # the project's data folder for params.yaml's dataset (the DVC stage, the flow)
         if not args.data_root:
             raise ConfigError("download --params needs --data-root (the folder to fill, e.g. data/mvtec)")
@@ -330,11 +378,29 @@ def _add_data_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--on-bad-image", choices=["error", "skip"], help="unreadable image: stop or skip it")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad flag reported in one line (its own error prints the usage first)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _positive(text: str) -> int:
+    """A whole number of at least 1 (argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     from anomaly_models import DATASETS, available_models
     from anomaly_models.data.download import SOURCES
 
-    parser = argparse.ArgumentParser(prog="anomaly", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="anomaly", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     p = commands.add_parser("train", help="train a method on normal images and save a checkpoint")
@@ -384,7 +450,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="checkpoint path or MLflow URI (models:/NAME@champion)")
     p.add_argument("--input", required=True, help="an image, a folder or a glob pattern")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=_positive, default=16)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.set_defaults(handler=predict)
 

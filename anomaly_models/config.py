@@ -21,6 +21,28 @@ from anomaly_models.errors import AnomalyError, ConfigError
 T = TypeVar("T")
 
 
+def at_least(config: Any, section: str, **lowest: float) -> None:
+    """Range checks of __post_init__: each named setting (None: unset) must be >= its bound."""
+    for key, bound in lowest.items():
+        value = getattr(config, key)
+        if value is not None and value < bound:
+            raise ConfigError(f"{section}.{key}: must be at least {bound}, got {value}")
+
+
+def above_zero(config: Any, section: str, *keys: str) -> None:
+    for key in keys:
+        if getattr(config, key) <= 0:
+            raise ConfigError(f"{section}.{key}: must be greater than 0, got {getattr(config, key)}")
+
+
+def fraction(config: Any, section: str, key: str, top_open: bool = False, bottom_open: bool = False) -> None:
+    """`key` must lie in [0, 1], with either end excluded as asked."""
+    value = getattr(config, key)
+    if value < 0 or value > 1 or (bottom_open and value == 0) or (top_open and value == 1):
+        interval = f"{'(' if bottom_open else '['}0, 1{')' if top_open else ']'}"
+        raise ConfigError(f"{section}.{key}: must be in {interval}, got {value}")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """How a method is optimised; shared by every trainable method."""
@@ -36,8 +58,9 @@ class TrainConfig:
     devices: int = 1  # > 1: one process per device under torchrun (anomaly_models/distributed.py)
 
     def __post_init__(self):
-        if self.devices < 1:
-            raise ConfigError(f"train.devices: must be at least 1, got {self.devices}")
+        at_least(self, "train", epochs=0, batch_size=1, devices=1, num_workers=0)  # 0: see check_epochs
+        above_zero(self, "train", "lr")
+        at_least(self, "train", weight_decay=0.0)
 
 
 @dataclass(frozen=True)
@@ -59,9 +82,8 @@ class DataConfig:
     clip_stride_test: int = 1
 
     def __post_init__(self):
-        for key in ("clip_stride_train", "clip_stride_test"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"data.{key}: must be at least 1, got {getattr(self, key)}")
+        at_least(self, "data", clip_stride_train=1, clip_stride_test=1)
+        fraction(self, "data", "val_fraction", top_open=True)
         self.kind.check(self)
 
     @property
@@ -93,6 +115,19 @@ def check_method_dataset(method: str, dataset: str) -> None:
         raise ConfigError(f"model.method {method!r} reads {takes}, which data.dataset {dataset!r} does not "
                           f"give: set data.dataset: {' / '.join(datasets)} (or model.method "
                           f"{' / '.join(methods)}, which read {gives})")
+
+
+def check_epochs(method: str, train: TrainConfig) -> None:
+    """0 epochs leaves a method's weights as they start: meaningful for a method with pretrained
+    weights (a `weights` setting: msc scores its backbone's features as they are), an untrained
+    model for every other one, so that is refused naming the key."""
+    from anomaly_models import MODELS
+
+    if train.epochs > 0 or method not in MODELS:
+        return
+    if "weights" not in {f.name for f in dataclasses.fields(MODELS[method].config_class)}:
+        raise ConfigError(f"train.epochs: must be at least 1 for method {method!r}, got 0 (0 epochs trains "
+                          "nothing; only methods with pretrained weights, such as msc, take 0)")
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any] | None, path: str = "") -> T:
@@ -184,6 +219,12 @@ class EvaluateConfig:
     contamination: float = 0.01  # contamination rule: expected fraction of defective images
     labelled_val_root: str | None = None  # f1 rule: labelled validation data (same layout), never test
 
+    def __post_init__(self):
+        at_least(self, "evaluate", batch_size=1)
+        fraction(self, "evaluate", "fpr_limit", bottom_open=True)
+        fraction(self, "evaluate", "threshold_quantile", bottom_open=True)
+        fraction(self, "evaluate", "contamination", top_open=True)
+
 
 @dataclass(frozen=True)
 class RegisterConfig:
@@ -197,6 +238,12 @@ class RegisterConfig:
     gate_metric: Literal["image_auroc", "pixel_auroc", "aupro", "f1_max", "pixel_f1_max", "frame_auc"] = \
         "image_auroc"
 
+    def __post_init__(self):
+        for key in ("experiment", "model_name"):  # what MLflow would refuse, or read as another URI
+            value = getattr(self, key)
+            if value is not None and (not value.strip() or any(c in value for c in "/@")):
+                raise ConfigError(f"register.{key}: {value!r} is not a usable name (non-empty, without / or @)")
+
 
 @dataclass(frozen=True)
 class RetrainConfig:
@@ -205,6 +252,14 @@ class RetrainConfig:
     inbox: str = "data/inbox"  # drop new normal images here; the retrain flow picks them up
     pipeline_cron: str = "0 3 * * 1"  # full pipeline: Mondays 03:00
     retrain_interval_minutes: int = 60  # how often the retrain flow looks into the inbox
+
+    def __post_init__(self):
+        at_least(self, "retrain", retrain_interval_minutes=1)
+        if not self.inbox.strip():
+            raise ConfigError("retrain.inbox: name the folder new normal images are dropped into")
+        if len(self.pipeline_cron.split()) != 5:
+            raise ConfigError(f"retrain.pipeline_cron: {self.pipeline_cron!r} is not a cron schedule "
+                              "(five fields: minute hour day month weekday)")
 
 
 @dataclass(frozen=True)
@@ -218,6 +273,12 @@ class SweepConfig:
     n_workers: int | None = None  # local cluster size; None: one per CPU core
     threads_per_worker: int = 1  # torch threads per worker too, so workers x threads = cores
     retries: int = 1  # a cell whose worker died is run again this many times
+
+    def __post_init__(self):
+        for key in ("methods", "subjects", "seeds"):
+            if not getattr(self, key):
+                raise ConfigError(f"sweep.{key}: the grid needs at least one value")
+        at_least(self, "sweep", n_workers=1, threads_per_worker=1, retries=0)
 
 
 BackboneName = Literal["efficientnet_lite0", "resnet18", "resnet50", "resnet152"]
@@ -255,15 +316,11 @@ class PretrainConfig:
     def __post_init__(self):
         if self.enabled and not self.root:
             raise ConfigError("pretrain.root: set the labelled class-folder dataset to pretrain on")
-        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "image_size": self.image_size,
-                    "max_images_per_class": self.max_images_per_class}
-        for key, value in positive.items():
-            if value is not None and value < 1:
-                raise ConfigError(f"pretrain.{key}: must be at least 1, got {value}")
-        if self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.momentum < 1:
-            raise ConfigError("pretrain.lr must be > 0, pretrain.weight_decay >= 0, pretrain.momentum in [0, 1)")
-        if not 0 <= self.val_fraction < 1:
-            raise ConfigError(f"pretrain.val_fraction: must be in [0, 1), got {self.val_fraction}")
+        at_least(self, "pretrain", epochs=1, batch_size=1, image_size=1, max_images_per_class=1,
+                 num_workers=0, weight_decay=0.0)
+        above_zero(self, "pretrain", "lr")
+        fraction(self, "pretrain", "momentum", top_open=True)
+        fraction(self, "pretrain", "val_fraction", top_open=True)
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ConfigError(f"pretrain.crop_scale: expected [low, high] in (0, 1], got {list(self.crop_scale)}")
 
@@ -310,8 +367,10 @@ def load_params(
         raw = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"params file not found: {path}") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+    except yaml.YAMLError as error:  # its message spans lines; the line and the problem are enough
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path} is not valid YAML{where}: {getattr(error, 'problem', None) or error}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     profiles = raw.pop("profiles", None) or {}
@@ -333,8 +392,8 @@ def params_from_dict(raw: Mapping[str, Any], source: str = "params") -> Params:
     try:
         if not isinstance(method, str):
             raise ConfigError(f"model.method: expected a string, got {method!r}")
-        if image_size is not None:
-            image_size = _coerce(image_size, int, "model.image_size")
+        if image_size is not None and _coerce(image_size, int, "model.image_size") < 1:
+            raise ConfigError(f"model.image_size: must be at least 1, got {image_size}")
         for name, section in model.items():
             if section is not None and not isinstance(section, Mapping):
                 raise ConfigError(f"model.{name}: expected a mapping of {name}'s hyper-parameters")
@@ -345,6 +404,7 @@ def params_from_dict(raw: Mapping[str, Any], source: str = "params") -> Params:
     try:
         options = _resolve_pretrained(options, method, params.pretrain)
         check_method_dataset(method, params.data.dataset)
+        check_epochs(method, params.train)
     except ConfigError as error:
         raise ConfigError(f"{source}: {error}") from None
     return dataclasses.replace(params, model=ModelConfig(method, image_size, options))

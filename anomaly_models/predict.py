@@ -49,14 +49,16 @@ class PredictReport:
 
 
 def collect_inputs(spec: str | Path) -> list[Path]:
-    """An image file, a folder (its images, recursively) or a glob pattern -> sorted image paths."""
+    """An image file, a folder (its images, recursively) or a glob pattern -> sorted image paths;
+    an empty folder is an error like a glob matching nothing."""
     path = Path(spec)
     if path.is_file():
         return [path]
     if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    matches = sorted(Path(p) for p in glob.glob(str(spec), recursive=True)
-                     if Path(p).suffix.lower() in IMAGE_EXTENSIONS)
+        matches = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    else:
+        matches = sorted(Path(p) for p in glob.glob(str(spec), recursive=True)
+                         if Path(p).suffix.lower() in IMAGE_EXTENSIONS)
     if not matches:
         raise DataError(f"no images found for {spec}")
     return matches

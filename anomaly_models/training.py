@@ -24,11 +24,12 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
 from anomaly_models.distributed import data_parallel, is_main_process, sum_over_processes
-from anomaly_models.errors import ConfigError
-from anomaly_models.files import atomic_torch_save
+from anomaly_models.errors import CheckpointError, ConfigError
+from anomaly_models.files import atomic_torch_save, read_torch_file
 
 log = logging.getLogger(__name__)
 
+RESTART_HINT = "; delete it, or train with --no-resume to start from scratch"
 StepFn = Callable[[Any], tuple[torch.Tensor, dict[str, float]]]
 
 
@@ -52,13 +53,19 @@ class EpochCheckpoint:
         """Load saved states into `modules` (name -> object with load_state_dict); (next epoch, history)."""
         if not self.path.is_file():
             return 0, []
-        state = torch.load(self.path, map_location="cpu", weights_only=True)
-        if state.get("fingerprint") != self.fingerprint:
+        state = read_torch_file(self.path, "partial checkpoint", damaged_hint=RESTART_HINT)
+        if not isinstance(state, dict) or not {"fingerprint", "epoch", "history", "modules"} <= set(state):
+            raise CheckpointError(f"{self.path} is not a partial checkpoint of this project{RESTART_HINT}")
+        if state["fingerprint"] != self.fingerprint:
             log.info("ignoring %s: it belongs to a run with other settings", self.path)
             return 0, []
-        for name, module in modules.items():
-            if module is not None:
-                module.load_state_dict(state["modules"][name])
+        try:
+            for name, module in modules.items():
+                if module is not None:
+                    module.load_state_dict(state["modules"][name])
+        except (KeyError, RuntimeError, ValueError, TypeError) as error:  # torch's mismatch errors
+            raise CheckpointError(f"cannot resume from {self.path}: its saved state does not fit "
+                                  f"({type(error).__name__}){RESTART_HINT}") from None
         log.info("resuming from %s after epoch %d", self.path, state["epoch"])
         return state["epoch"], list(state["history"])
 

@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 import anomaly_models
 from anomaly_models import load_model
 from anomaly_models.config import Params
-from anomaly_models.errors import ConfigError
+from anomaly_models.errors import CheckpointError, ConfigError
 from anomaly_models.runs import evaluate_model
 from tasks import pyfunc
 from tasks.dvc import data_version
@@ -136,8 +136,25 @@ def download_checkpoint(model_uri: str) -> Path:
     from tasks.tracking import configure_uri
 
     configure_uri()
-    local = Path(mlflow.artifacts.download_artifacts(f"{model_uri.rstrip('/')}/artifacts"))
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(f"{model_uri.rstrip('/')}/artifacts"))
+    except MlflowException as error:  # unknown name, alias, version or run: one line, not a traceback
+        raise ConfigError(f"cannot load {model_uri} from {mlflow.get_tracking_uri()}: "
+                          f"{error.message.splitlines()[0]}{_registered(model_uri)}") from None
     found = sorted(local.rglob("*.pt"))
     if not found:
-        raise FileNotFoundError(f"no checkpoint in {model_uri}")
+        raise CheckpointError(f"no checkpoint in {model_uri}")
     return found[0]
+
+
+def _registered(model_uri: str) -> str:
+    """What the registry holds under the URI's model name, so a mistyped name or alias is easy to fix."""
+    if not model_uri.startswith("models:/"):
+        return ""
+    client, name = MlflowClient(), model_uri.removeprefix("models:/").split("/")[0].split("@")[0]
+    try:
+        aliases = client.get_registered_model(name).aliases
+    except MlflowException:
+        names = [m.name for m in client.search_registered_models(max_results=20)]
+        return f" (registered models: {', '.join(names) or 'none'})"
+    return f" (aliases of {name}: {', '.join(f'{a} -> v{v}' for a, v in aliases.items()) or 'none'})"
