@@ -91,9 +91,11 @@ def track(params: Params, checkpoint: Path, metrics: dict, files: list[str], dat
 
 
 @task(name="ingest")
-def ingest(params: Params, inbox: Path, known_hashes: set[str]) -> InboxReport:
-    """Validate new normal images and move them into the training folder (rejects kept aside)."""
-    report = ingest_inbox(inbox, params.data, known_hashes)
+def ingest(params: Params, inbox: Path, known_hashes: set[str], workdir: Path) -> InboxReport:
+    """Validate new normal images, move them into the training folder (rejects kept aside) and
+    record that as a DVC version, all or nothing: a failure anywhere puts every file back."""
+    report = ingest_inbox(inbox, params.data, known_hashes,
+                          commit=lambda: commit_data_version(workdir, data_folder(params, workdir)))
     for name, reason in report.rejected.items():
         print(f"rejected {name}: {reason}")
     print(f"{len(report.accepted)} new normal image(s) added, {len(report.rejected)} rejected")
