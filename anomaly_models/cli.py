@@ -49,11 +49,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except AnomalyError as error:
-        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)  # one line, whatever the message
-        return EXIT_BAD_INPUT
+        return bad_input(error)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def bad_input(error: AnomalyError) -> int:
+    """Report bad input as one line on stderr, whatever the message; the exit code for it."""
+    print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+    return EXIT_BAD_INPUT
 
 
 def train(args: argparse.Namespace) -> int:

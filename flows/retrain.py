@@ -18,7 +18,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from anomaly_models.cli import EXIT_BAD_INPUT
+from anomaly_models.cli import EXIT_BAD_INPUT, bad_input
 from anomaly_models.config import load_params
 from anomaly_models.data.common import list_images
 from anomaly_models.data.inbox import recover_inbox
@@ -67,8 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         check_inbox(Path(args.workdir) / params.retrain.inbox)
         result = retrain(args.params, args.profile, args.workdir)
     except AnomalyError as error:
-        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return bad_input(error)
     for name, reason in result.get("rejected", {}).items():
         print(f"rejected {name}: {reason}", file=sys.stderr)
     print(result["status"])
