@@ -1,47 +1,207 @@
 """Deployments: the pipeline on a cron schedule and the retrain flow on an interval.
 
-    python -m flows.deploy [--params params.yaml]
+Both routes need a running Prefect API (`prefect server start`, UI at http://127.0.0.1:4200) and
+PREFECT_API_URL pointing at it (e.g. http://127.0.0.1:4200/api). Schedules come from
+`retrain.pipeline_cron` and `retrain.retrain_interval_minutes` in params.yaml.
 
-serves both from this process (`prefect.serve`): it needs a Prefect API, so start one first
-(`prefect server start`, UI at http://127.0.0.1:4200) and set PREFECT_API_URL. Schedules come from
-`retrain.pipeline_cron` and `retrain.retrain_interval_minutes` in params.yaml. For a work pool
-instead: `prefect work-pool create anomaly --type process`, `prefect worker start --pool anomaly`,
-and `deployments(...)[i].apply()` with `work_pool_name="anomaly"`.
+    python -m flows.deploy [--params params.yaml] [--profile P]
+
+serves both deployments from this process until Ctrl-C (which pauses their schedules). If the API
+stops answering, it exits with status 3 and one line instead of waiting on the lost server.
+
+    prefect work-pool create anomaly --type process
+    python -m flows.deploy --work-pool anomaly
+    prefect worker start --pool anomaly
+
+applies both deployments to the process work pool and returns; the worker runs each scheduled run in
+a new process whose working directory is this project's root (a pull step), so relative paths such
+as params.yaml resolve as in a manual run.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import sys
+import threading
+import time
 from datetime import timedelta
+from pathlib import Path
 
-from prefect import serve
+import httpx
 
-from anomaly_models.config import load_params
-from flows.pipeline import pipeline
-from flows.retrain import retrain
+ROOT = Path(__file__).resolve().parents[1]
+ENTRYPOINTS = {"pipeline": "flows/pipeline.py:pipeline", "retrain": "flows/retrain.py:retrain"}
+EXIT_NO_API = 2  # no API at start, or the work pool is missing
+EXIT_API_LOST = 3  # the API stopped answering while serving
 
 
-def deployments(params_file: str = "params.yaml", profile: str | None = None) -> list:
+class DeployError(Exception):
+    """A one-line reason why the deployments could not be served or applied."""
+
+
+def api_url() -> str:
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        raise DeployError(
+            "PREFECT_API_URL is not set: start `prefect server start` and "
+            "export PREFECT_API_URL=http://127.0.0.1:4200/api"
+        )
+    return url.rstrip("/")
+
+
+def api_healthy(url: str, timeout: float = 3.0) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def project_relative(path: str) -> str:
+    """A path as the flow's working directory (the project root) should see it."""
+    resolved = Path(path).resolve()
+    try:
+        return str(resolved.relative_to(ROOT))
+    except ValueError:
+        return str(resolved)
+
+
+def deployments(
+    params_file: str = "params.yaml", profile: str | None = None, work_pool: str | None = None
+) -> list:
+    """The two deployments. With `work_pool`, loaded from this project's folder (a pull step sets
+    the run's working directory to it) and bound to that pool; otherwise for serving here."""
+    from anomaly_models.config import load_params
+    from flows.pipeline import pipeline
+    from flows.retrain import retrain
+
     params = load_params(params_file, profile)
+    flows = {"pipeline": pipeline, "retrain": retrain}
+    extra = {}
+    if work_pool:
+        params_file = project_relative(params_file)
+        flows = {
+            name: flow.from_source(source=str(ROOT), entrypoint=ENTRYPOINTS[name])
+            for name, flow in flows.items()
+        }
+        extra = {"work_pool_name": work_pool}
     arguments = {"params_file": params_file, "profile": profile}
     return [
-        pipeline.to_deployment(
-            name="scheduled-pipeline", cron=params.retrain.pipeline_cron, parameters=arguments
+        flows["pipeline"].to_deployment(
+            name="scheduled-pipeline",
+            cron=params.retrain.pipeline_cron,
+            parameters=arguments,
+            **extra,
         ),
-        retrain.to_deployment(
+        flows["retrain"].to_deployment(
             name="retrain-on-new-data",
             interval=timedelta(minutes=params.retrain.retrain_interval_minutes),
             parameters=arguments,
+            **extra,
         ),
     ]
 
 
+def check_pool(pool: str) -> None:
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(pool)
+        except ObjectNotFound:
+            raise DeployError(
+                f"work pool {pool!r} not found: create it with "
+                f"`prefect work-pool create {pool} --type process`"
+            ) from None
+
+
+def apply_to_pool(deps: list, pool: str) -> list[str]:
+    """Register the deployments on the work pool; returns their 'flow/name' labels."""
+    labels = []
+    for deployment in deps:
+        deployment.apply(work_pool_name=pool)
+        labels.append(f"{deployment.flow_name}/{deployment.name}")
+    return labels
+
+
+def _stop_children() -> None:
+    """Terminate the flow-run processes this process started (their API is gone too)."""
+    try:
+        import psutil
+
+        children = psutil.Process().children(recursive=True)
+        for child in children:
+            child.terminate()
+        _, alive = psutil.wait_procs(children, timeout=5)
+        for child in alive:
+            child.kill()
+    except Exception:  # best effort on the way out
+        pass
+
+
+def watch_api(url: str, every: float, misses: int) -> None:
+    """Daemon thread body: once the API fails `misses` health checks in a row, say so in one line
+    and end the process (Prefect's own shutdown would retry the lost server for minutes)."""
+    failed = 0
+    while True:
+        time.sleep(every)
+        failed = 0 if api_healthy(url, timeout=min(every, 3.0)) else failed + 1
+        if failed >= misses:
+            logging.disable(logging.CRITICAL)
+            print(
+                f"error: the Prefect API at {url} stopped answering; stopped serving "
+                "(start the server again, then python -m flows.deploy)",
+                file=sys.stderr,
+                flush=True,
+            )
+            sys.stdout.flush()
+            _stop_children()
+            os._exit(EXIT_API_LOST)
+
+
+def serve_deployments(deps: list, url: str, check_every: float = 2.0, misses: int = 2) -> None:
+    from prefect import serve
+
+    threading.Thread(target=watch_api, args=(url, check_every, misses), daemon=True).start()
+    serve(*deps)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="serve the scheduled pipeline and retrain flows")
+    parser = argparse.ArgumentParser(
+        description="serve the scheduled pipeline and retrain flows, or apply them to a work pool"
+    )
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--profile")
+    parser.add_argument(
+        "--work-pool",
+        metavar="POOL",
+        help="apply both deployments to this process work pool (run them with "
+        "`prefect worker start --pool POOL`) instead of serving them here",
+    )
     args = parser.parse_args(argv)
-    serve(*deployments(args.params, args.profile))
+    try:
+        url = api_url()
+        if not api_healthy(url):
+            raise DeployError(
+                f"no Prefect API answers at {url}: start `prefect server start` "
+                "(or fix PREFECT_API_URL)"
+            )
+        if args.work_pool:
+            check_pool(args.work_pool)
+        deps = deployments(args.params, args.profile, args.work_pool)
+        if args.work_pool:
+            for label in apply_to_pool(deps, args.work_pool):
+                print(f"deployment {label} on work pool {args.work_pool!r}")
+            print(f"run them with: prefect worker start --pool {args.work_pool}")
+            return 0
+    except DeployError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_NO_API
+    serve_deployments(deps, url)
     return 0
 
 

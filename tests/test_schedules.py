@@ -1,0 +1,303 @@
+"""Schedules that fire (issue 16): a real `prefect server` per test module, its scheduler service
+creating runs by itself, a served deployment and a process work pool + `prefect worker` running
+them, the CLI listings answering, and flows.deploy's two routes and its shutdown.
+
+Every process is started by these tests (temporary PREFECT_HOME, free loopback port) and stopped
+again, also on failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+BIN = Path(sys.executable).parent
+PREFECT = str(BIN / "prefect")
+HELPER = str(TESTS / "schedule_flows.py")
+INTERVAL_S = "5"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Proc:
+    """A background process in its own session, output to a log file; stop() ends its group."""
+
+    def __init__(self, name: str, args: list[str], env: dict, logdir: Path, cwd: Path = ROOT):
+        self.name, self.log = name, logdir / f"{name}.log"
+        self._handle = self.log.open("w")
+        self.popen = subprocess.Popen(
+            args, cwd=cwd, env=env, stdout=self._handle, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def tail(self, n: int = 40) -> str:
+        return f"--- {self.name} log (last {n} lines) ---\n" + "\n".join(self.output().splitlines()[-n:])
+
+    def signal(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, sig)
+
+    def stop(self, grace: float = 30.0) -> None:
+        if self.popen.poll() is None:
+            self.signal(signal.SIGINT)
+            try:
+                self.popen.wait(grace)
+            except subprocess.TimeoutExpired:
+                pass
+        self.signal(signal.SIGKILL)  # the group: also any flow-run processes left behind
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(10)
+        self._handle.close()
+
+
+class Server:
+    def __init__(self, home: Path, scheduler: bool = True):
+        self.home, self.port = home, free_port()
+        home.mkdir(parents=True, exist_ok=True)
+        self.url = f"http://127.0.0.1:{self.port}/api"
+        self.env = {
+            **os.environ,
+            "PREFECT_HOME": str(home),
+            "PREFECT_API_URL": self.url,
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_UI_ENABLED": "false",
+            "PREFECT_LOGGING_LEVEL": "INFO",
+            "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": str(scheduler).lower(),
+            "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
+            "PREFECT_SERVER_SERVICES_SCHEDULER_MAX_RUNS": "3",  # not 100 rows per 5 s deployment
+            "PREFECT_SERVER_SERVICES_SCHEDULER_MIN_RUNS": "1",
+            "PREFECT_RUNNER_POLL_FREQUENCY": "2",
+            "PREFECT_WORKER_QUERY_SECONDS": "2",
+            "COLUMNS": "250",  # the CLI's tables: names not cut
+        }
+        self.env.pop("PREFECT_PROFILE", None)
+        self.proc = Proc(
+            "server",
+            [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
+            self.env, home,
+        )
+        deadline = time.monotonic() + 150
+        while not self.healthy():
+            if self.proc.popen.poll() is not None or time.monotonic() > deadline:
+                self.proc.stop()
+                pytest.fail(f"prefect server did not become healthy\n{self.proc.tail()}")
+            time.sleep(0.5)
+
+    def healthy(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def request(self, method: str, path: str, **kwargs) -> httpx.Response:
+        """One API call; a busy 2-core machine can stall sqlite for a while, so retry transport errors."""
+        for attempt in range(4):
+            try:
+                return httpx.request(method, f"{self.url}{path}", timeout=30, **kwargs)
+            except httpx.TransportError:
+                if attempt == 3:
+                    raise
+                time.sleep(2)
+
+    def get(self, path: str) -> httpx.Response:
+        return self.request("GET", path)
+
+    def deployment(self, flow: str, name: str) -> dict | None:
+        response = self.get(f"/deployments/name/{flow}/{name}")
+        return response.json() if response.status_code == 200 else None
+
+    def runs(self, deployment_id: str) -> list[dict]:
+        body = {"flow_runs": {"deployment_id": {"any_": [deployment_id]}}, "limit": 200}
+        response = self.request("POST", "/flow_runs/filter", json=body)
+        response.raise_for_status()
+        return response.json()
+
+    def cli(self, *args: str, timeout: float = 90) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [PREFECT, *args], env=self.env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
+        )
+
+    def start(self, name: str, args: list[str], **kwargs) -> Proc:
+        return Proc(name, args, self.env, self.home, **kwargs)
+
+
+def wait_for(what: str, check, timeout: float, *procs: Proc, every: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        for proc in procs:
+            if proc.popen.poll() is not None:
+                pytest.fail(f"{proc.name} exited (rc {proc.popen.returncode}) while waiting for {what}\n{proc.tail()}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n" + "\n".join(p.tail() for p in procs))
+        time.sleep(every)
+
+
+def completed_auto_run(server: Server, deployment_id: str) -> dict | None:
+    for run in server.runs(deployment_id):
+        if run["state_type"] == "COMPLETED" and run["auto_scheduled"]:
+            return run
+    return None
+
+
+@pytest.fixture(scope="module")
+def server():
+    home = Path(tempfile.mkdtemp(prefix="prefect-server-"))
+    srv = Server(home)
+    try:
+        yield srv
+    finally:
+        srv.proc.stop()
+        log = srv.proc.output()
+        # the defect of issue 16: the scheduler service failing on every tick
+        assert "Can't evaluate bulk DML" not in log, srv.proc.tail()
+
+
+def test_scheduler_alone_creates_and_completes_a_served_run(server, tmp_path):
+    out = tmp_path / "ticks.txt"
+    serving = server.start("serve-tick", [sys.executable, HELPER, "serve", str(out), INTERVAL_S])
+    try:
+        deployment = wait_for("the served deployment", lambda: server.deployment("tick", "tick-served"), 90, serving)
+        assert deployment["schedules"][0]["schedule"]["interval"] == float(INTERVAL_S)
+        run = wait_for(
+            "a scheduled run to complete", lambda: completed_auto_run(server, deployment["id"]), 120, serving
+        )
+    finally:
+        serving.stop()
+    # created by the scheduler (nothing here asked for a run) and really executed by the server
+    assert run["auto_scheduled"] and run["deployment_id"] == deployment["id"]
+    assert run["id"] in out.read_text().split()
+
+    listed = server.cli("deployment", "ls")
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    assert "tick/tick-served" in listed.stdout
+    runs = server.cli("flow-run", "ls")
+    assert runs.returncode == 0, runs.stdout + runs.stderr
+    assert run["name"] in runs.stdout or "COMPLETED" in runs.stdout
+
+
+def test_work_pool_deployment_is_run_by_a_process_worker(server, tmp_path):
+    created = server.cli("work-pool", "create", "tick-pool", "--type", "process")
+    assert created.returncode == 0, created.stdout + created.stderr
+    pools = server.cli("work-pool", "ls")
+    assert pools.returncode == 0 and "tick-pool" in pools.stdout, pools.stdout + pools.stderr
+
+    out = tmp_path / "ticks.txt"
+    deployed = subprocess.run(
+        [sys.executable, HELPER, "pool", str(out), INTERVAL_S, "tick-pool"],
+        cwd=tmp_path, env=server.env, capture_output=True, text=True, timeout=120,
+    )
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    deployment = server.deployment("tick", "tick-pool")
+    assert deployment["work_pool_name"] == "tick-pool"
+    assert deployment["pull_steps"] == [
+        {"prefect.deployments.steps.set_working_directory": {"directory": str(TESTS)}}
+    ]
+
+    worker = server.start("worker", [PREFECT, "worker", "start", "--pool", "tick-pool", "--limit", "1"], cwd=tmp_path)
+    try:
+        run = wait_for(
+            "the worker to complete a scheduled run",
+            lambda: completed_auto_run(server, deployment["id"]), 150, worker,
+        )
+    finally:
+        worker.stop()
+    assert run["work_pool_name"] == "tick-pool"
+    assert run["id"] in out.read_text().split()
+
+
+def test_flows_deploy_applies_the_real_deployments_to_a_pool(server):
+    missing = subprocess.run(
+        [sys.executable, "-m", "flows.deploy", "--work-pool", "no-such-pool"],
+        cwd=ROOT, env=server.env, capture_output=True, text=True, timeout=180,
+    )
+    assert missing.returncode == 2, missing.stdout + missing.stderr
+    assert missing.stderr.strip().splitlines() == [
+        "error: work pool 'no-such-pool' not found: create it with "
+        "`prefect work-pool create no-such-pool --type process`"
+    ]
+
+    created = server.cli("work-pool", "create", "anomaly-test", "--type", "process")
+    assert created.returncode == 0, created.stdout + created.stderr
+    applied = subprocess.run(
+        [sys.executable, "-m", "flows.deploy", "--work-pool", "anomaly-test"],
+        cwd=ROOT, env=server.env, capture_output=True, text=True, timeout=180,
+    )
+    assert applied.returncode == 0, applied.stdout + applied.stderr
+    assert "prefect worker start --pool anomaly-test" in applied.stdout
+
+    pipeline = server.deployment("anomaly-pipeline", "scheduled-pipeline")
+    retrain = server.deployment("anomaly-retrain", "retrain-on-new-data")
+    assert pipeline and retrain, applied.stdout
+    for deployment, entrypoint in ((pipeline, "flows/pipeline.py:pipeline"), (retrain, "flows/retrain.py:retrain")):
+        assert deployment["work_pool_name"] == "anomaly-test"
+        assert deployment["entrypoint"] == entrypoint
+        assert deployment["pull_steps"] == [
+            {"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}
+        ]
+        assert deployment["parameters"] == {"params_file": "params.yaml", "profile": None}
+    assert pipeline["schedules"][0]["schedule"]["cron"] == "0 3 * * 1"
+    assert retrain["schedules"][0]["schedule"]["interval"] == 3600.0
+
+
+def test_flows_deploy_without_an_api_is_one_line(tmp_path):
+    env = {**os.environ, "PREFECT_API_URL": f"http://127.0.0.1:{free_port()}/api", "PREFECT_HOME": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.deploy"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: no Prefect API answers at http://127.0.0.1:"), result.stderr
+
+
+def test_flows_deploy_serving_stops_cleanly_and_exits_when_the_server_is_gone(tmp_path):
+    # Its own server, scheduler off: the real pipeline/retrain deployments must not get runs here.
+    srv = Server(tmp_path / "home", scheduler=False)
+    serving = None
+    try:
+        # Serving, then the server gone and Ctrl-C (what used to hang on "Pausing all
+        # deployments..."): it exits by itself, non-zero, the last line saying why.
+        serving = srv.start("deploy", [sys.executable, "-m", "flows.deploy"])
+        wait_for("flows.deploy to register its deployments",
+                 lambda: srv.deployment("anomaly-retrain", "retrain-on-new-data"), 150, serving)
+        time.sleep(5)  # a few health checks pass: the watchdog leaves a live server alone
+        assert serving.popen.poll() is None, serving.tail()
+        srv.proc.stop()
+        serving.signal(signal.SIGINT)
+        started = time.monotonic()
+        try:
+            serving.popen.wait(60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"flows.deploy still running 60 s after the server stopped\n{serving.tail()}")
+        assert time.monotonic() - started < 60
+        assert serving.popen.returncode == 3, serving.tail()
+        last = serving.output().strip().splitlines()[-1]
+        assert last == (
+            f"error: the Prefect API at {srv.url} stopped answering; stopped serving "
+            "(start the server again, then python -m flows.deploy)"
+        ), serving.tail()
+    finally:
+        if serving is not None:
+            serving.stop()
+        srv.proc.stop()
