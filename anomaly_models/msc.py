@@ -162,10 +162,12 @@ def records_of(dataset: Dataset) -> list[ImageRecord]:
 
 
 def views_loader(loader: DataLoader, config: MSCConfig, preprocessing: Preprocessing) -> DataLoader:
-    """The loader's batches (same sampler, batch size and workers) as pairs of augmented views."""
+    """The loader's batches (same sampler, batch size, workers and their start method) as pairs of
+    augmented views."""
     views = ContrastiveViews(records_of(loader.dataset), config, preprocessing)
     return DataLoader(views, batch_size=loader.batch_size, sampler=loader.sampler, drop_last=loader.drop_last,
-                      num_workers=loader.num_workers, persistent_workers=loader.num_workers > 0)
+                      num_workers=loader.num_workers, persistent_workers=loader.num_workers > 0,
+                      multiprocessing_context=loader.multiprocessing_context)
 
 
 class KNNScorer(nn.Module):

@@ -142,8 +142,9 @@ def test_fine_tuning_loader_keeps_batches_and_workers(cifar_root):
     model = build_model("msc", {"backbone": "resnet18", "weights": "none"},
                         {"epochs": 1, "lr": 0.01, "device": "cpu"}, {"image_size": 32})
     data = OneClassCIFAR10(cifar_root, "airplane", "train", model.preprocessing, cache=True)
+    # spawned workers: a forked one can die in a test process that earlier tests filled with threads
     loader = DataLoader(Subset(data, list(range(6))), batch_size=3, shuffle=True, num_workers=2,
-                        generator=torch.Generator().manual_seed(0))
+                        generator=torch.Generator().manual_seed(0), multiprocessing_context="spawn")
     history = model.fit(loader)
     assert len(history) == 2 and np.isfinite(history[1]["train_loss"])
     with pytest.raises(ConfigError, match="needs an image dataset"):
