@@ -219,8 +219,10 @@ def load_checked(net: nn.Module, state: dict[str, torch.Tensor], classifier: str
 
 def every_image(loader: DataLoader) -> DataLoader:
     """The loader's dataset in order and complete: a training loader may shuffle and drop its last
-    batch, but a feature bank, a center or a memory bank must hold every normal image."""
-    return DataLoader(loader.dataset, batch_size=loader.batch_size or 1, num_workers=loader.num_workers)
+    batch, but a feature bank, a center or a memory bank must hold every normal image. Workers,
+    their start method and the collate function stay the caller's."""
+    return DataLoader(loader.dataset, batch_size=loader.batch_size or 1, num_workers=loader.num_workers,
+                      collate_fn=loader.collate_fn, multiprocessing_context=loader.multiprocessing_context)
 
 
 def to_three_channels(images: torch.Tensor) -> torch.Tensor:

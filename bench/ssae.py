@@ -68,12 +68,19 @@ def train_and_score(name: str, config: dict, args: argparse.Namespace, root: Pat
                               generator=generator, drop_last=len(datasets["train"]) > args.batch_size)
     val_loader = DataLoader(datasets["val"], batch_size=args.batch_size)
     started, cpu_started = time.perf_counter(), time.process_time()
-    history = model.fit(train_loader, val_loader)
+    if args.score_partial and name != "patchcore":  # an unfinished run, scored as it stands
+        done, history = model.epoch_checkpoint.restore({"module": model.network})
+        if not done:
+            raise RuntimeError(f"no checkpoint of these settings in {model.epoch_checkpoint.path}")
+        model.network.eval()
+        resumed = 0  # nothing trained here: the budget is the epochs' recorded wall time
+    else:
+        history = model.fit(train_loader, val_loader)
     fit_seconds = time.perf_counter() - started
     fit_cpu_seconds = time.process_time() - cpu_started
     started = time.perf_counter()
     metrics = evaluate(predict_dataset(model, datasets["test"], args.batch_size, args.device))
-    if args.save_dir:
+    if args.save_dir and not args.score_partial:
         model.save(args.save_dir / f"{name}.pt")
     epoch_seconds = [h["seconds"] for h in history if "seconds" in h]
     result = {
@@ -82,7 +89,9 @@ def train_and_score(name: str, config: dict, args: argparse.Namespace, root: Pat
         "fit_seconds": fit_seconds,
         # CPU time of this process; a resumed run ran only len(history) - resumed epochs here, so its
         # total is this part's CPU time per epoch times all epochs (an estimate, flagged).
-        "fit_cpu_minutes": fit_cpu_seconds / 60 * len(history) / max(len(history) - resumed, 1),
+        "fit_cpu_minutes": None if args.score_partial
+        else fit_cpu_seconds / 60 * len(history) / max(len(history) - resumed, 1),
+        "epochs_trained": len(history),
         "epochs_resumed": resumed,
         "train_wall_minutes": sum(h.get("seconds", 0.0) for h in history) / 60,
         "predict_seconds": time.perf_counter() - started,
@@ -132,6 +141,8 @@ def main() -> None:
     parser.add_argument("--json", help="write the results as JSON here (after each method)")
     parser.add_argument("--save-dir", type=Path, help="save each trained model here as <method>.pt "
                         "(and checkpoint every epoch, so a killed run resumes)")
+    parser.add_argument("--score-partial", action="store_true", help="with --save-dir: do not train, score "
+                        "the unfinished run in <method>.pt.partial after the epochs it has done")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # one line per training epoch
     if args.threads:
@@ -141,6 +152,8 @@ def main() -> None:
         if getattr(args, key) is None:
             setattr(args, key, getattr(params.train, key))
     args.image_size = args.image_size or params.model.image_size or REFERENCE_SIZE
+    if args.score_partial and not args.save_dir:
+        parser.error("--score-partial needs --save-dir")
     if args.save_dir:
         args.save_dir.mkdir(parents=True, exist_ok=True)
     root = args.data_root or default_data_root("mvtec")
@@ -184,7 +197,7 @@ def main() -> None:
     if "ssae" in results:
         r = results["ssae"]
         print(f"ssae distance to target: image {r['image_auroc'] - TARGET[0]:+.4f}, pixel "
-              f"{r['pixel_auroc'] - TARGET[1]:+.4f} (trained {args.epochs} epochs, "
+              f"{r['pixel_auroc'] - TARGET[1]:+.4f} (trained {r['epochs_trained']} of {args.epochs} epochs, "
               f"{r['train_wall_minutes']:.0f} wall-min{', resumed' if r['epochs_resumed'] else ''})")
     if failed:
         sys.exit(f"failed: {', '.join(failed)}")

@@ -1,9 +1,10 @@
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 from anomaly_models.backbones import (
-    STAGES, backbone_preprocessing, build_backbone, knn_search, read_state_dict,
+    STAGES, backbone_preprocessing, build_backbone, every_image, knn_search, read_state_dict,
 )
 from anomaly_models.errors import CheckpointError, ConfigError
 
@@ -105,3 +106,19 @@ def test_knn_search_matches_brute_force_numpy(chunk_size):
     np.testing.assert_allclose(distances.numpy(), np.take_along_axis(brute, order, 1), rtol=1e-5, atol=1e-5)
     distances, _ = knn_search(torch.tensor(queries).float(), torch.tensor(bank[:2]).float(), 3, chunk_size)
     assert distances.shape == (11, 2)  # k larger than the bank: every bank row
+
+
+def test_every_image_is_ordered_complete_and_keeps_the_callers_workers():
+    """The bank loader sees all images once, in order, with the caller's worker start method."""
+    data = TensorDataset(torch.arange(7))
+
+    def collate(items):
+        return torch.stack([item[0] for item in items]) * 10
+
+    loader = DataLoader(data, batch_size=3, shuffle=True, drop_last=True, num_workers=1,
+                        multiprocessing_context="spawn", collate_fn=collate)
+    bank_loader = every_image(loader)
+    assert bank_loader.multiprocessing_context is loader.multiprocessing_context
+    assert bank_loader.num_workers == 1 and bank_loader.collate_fn is collate
+    assert torch.cat(list(every_image(DataLoader(data, batch_size=3, shuffle=True, drop_last=True,
+                                                        collate_fn=collate)))).tolist() == list(range(0, 70, 10))
