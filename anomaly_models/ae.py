@@ -14,8 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from anomaly_models.base import AnomalyModel, register_model
-from anomaly_models.errors import ConfigError
+from anomaly_models.base import AnomalyModel, check_divisible, register_model
 from anomaly_models.scoring import ScoreReduction, image_scores, residual_map
 from anomaly_models.training import resolve_device, run_epochs, seed_everything, seeded
 from anomaly_models.transforms import Preprocessing
@@ -115,7 +114,7 @@ class Autoencoder(AnomalyModel):
         return ReconstructionScorer(self.network, c.smoothing_sigma, c.score_reduction, c.top_k)
 
     def fit(self, train_loader: DataLoader, val_loader: DataLoader | None = None) -> list[dict]:
-        self._check_size()
+        check_divisible(self.name, [self.preprocessing.output_size], self.config.num_downsamples)
         t = self.train_config
         seed_everything(t.seed)
         device = resolve_device(t.device)
@@ -132,17 +131,5 @@ class Autoencoder(AnomalyModel):
         self.network.cpu().eval()
         return self.history
 
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scorer = self.scorer().eval()
-        device = next(self.network.parameters()).device
-        scores, maps = scorer(images.to(device))
-        return scores.cpu(), maps.cpu()
-
-    def _check_size(self) -> None:
-        factor = 2**self.config.num_downsamples
-        if self.preprocessing.output_size % factor:
-            raise ConfigError(
-                f"preprocessing.image_size: {self.preprocessing.output_size} is not divisible by "
-                f"{factor} (2**model.{self.name}.num_downsamples)"
-            )
+    def check_input(self, images: torch.Tensor) -> None:
+        check_divisible(self.name, images.shape[-2:], self.config.num_downsamples)

@@ -5,6 +5,7 @@ Evaluation, thresholds, reports, serving and export are written once against `An
     model = build_model("ae", config={"latent_channels": 32}, train={"epochs": 5})
     history = model.fit(train_loader, val_loader)      # one dict per epoch
     scores, maps = model.predict(images)               # (B,), (B, H, W) or None
+    module = model.scorer()                            # the same scoring as one torch module
     model.save("model.pt"); model = load_model("model.pt")
 
 A checkpoint is one file holding the method name, its config, the training config, the
@@ -86,25 +87,66 @@ class AnomalyModel(ABC):
         """Train on normal images only; return (and keep in `history`) one dict per epoch."""
 
     @abstractmethod
-    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Score preprocessed images: (B,) image scores and (B, H, W) anomaly maps or None."""
+    def scorer(self) -> torch.nn.Module:
+        """Export-ready scoring graph of the fitted model: preprocessed inputs -> (B,) scores, or
+        (scores, (B, H, W) maps). Prediction, serving and ONNX export all run this one module."""
 
-    # Methods keep their torch network in `self.network`; those with more state (a feature
-    # bank, a memory) override the three methods below.
+    # Hooks with defaults; a method overrides the ones that apply to it.
+    def check_input(self, inputs: torch.Tensor) -> None:
+        """Raise a ConfigError naming the setting when a batch does not fit the network."""
+
+    @property
+    def input_memory_format(self) -> torch.memory_format:
+        """Layout the network runs fastest in (channels_last for some CPU convolutions)."""
+        return torch.contiguous_format
+
+    @property
+    def clip_length(self) -> int | None:
+        """Frames per input clip for methods that read clips (`reads = "clips"`), else None."""
+        return None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.network.parameters()).device
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Score preprocessed images on the model's device: (B,) scores and (B, H, W) maps or None."""
+        self.check_input(images)
+        device, layout = self.device, self.input_memory_format
+        if layout is not torch.contiguous_format:
+            self.network.to(memory_format=layout)
+        output = self.scorer().to(device).eval()(images.to(device).contiguous(memory_format=layout))
+        scores, maps = output if isinstance(output, tuple) else (output, None)
+        return scores.cpu(), None if maps is None else maps.cpu()
+
+    # Methods keep their torch network in `self.network`, and name in `fitted_tensors` the tensors
+    # fitted beside it (a feature bank, a center); saving, loading and moving handle both.
     network: torch.nn.Module
+    fitted_tensors: ClassVar[tuple[str, ...]] = ()
 
     def state_dict(self) -> dict[str, Any]:
         """Tensors (and plain values) that, with the config, restore the trained model."""
-        return {"network": self.network.state_dict()}
+        fitted = {name: getattr(self, name) for name in self.fitted_tensors}
+        return {"network": self.network.state_dict(), **fitted}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Inverse of `state_dict`; leaves the network in eval mode."""
+        missing = [name for name in ("network", *self.fitted_tensors) if name not in state]
+        if missing:
+            raise CheckpointError(f"the saved {self.name} state lacks {', '.join(missing)}")
         self.network.load_state_dict(state["network"])
         self.network.eval()
+        for name in self.fitted_tensors:
+            setattr(self, name, state[name])
 
     def to(self, device: torch.device | str) -> "AnomalyModel":
-        """Move the model's tensors to `device` (predict follows them)."""
+        """Move the network and the fitted tensors to `device` (predict follows them)."""
         self.network.to(device)
+        for name in self.fitted_tensors:
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.to(device))
         return self
 
     def save(self, path: str | Path) -> Path:
@@ -134,6 +176,17 @@ class AnomalyModel(ABC):
         model.metadata = dict(checkpoint.get("metadata", {}))
         model.load_state_dict(checkpoint["state"])
         return model
+
+
+def check_divisible(method: str, sizes, num_downsamples: int) -> None:
+    """Encoder-decoders halve the image `num_downsamples` times: each side must divide evenly."""
+    factor = 2**num_downsamples
+    for size in sizes:
+        if size % factor:
+            raise ConfigError(
+                f"preprocessing.image_size: {size} is not divisible by {factor} "
+                f"(2**model.{method}.num_downsamples)"
+            )
 
 
 def register_model(cls: type[AnomalyModel]) -> type[AnomalyModel]:

@@ -13,15 +13,12 @@ from pathlib import Path
 import torch
 
 from anomaly_models.base import AnomalyModel
-from anomaly_models.errors import ConfigError
 from anomaly_models.files import atomic_open
 
 OPSET = 18
 
 
 def export_onnx(model: AnomalyModel, path: str | Path, batch_size: int = 1) -> Path:
-    if not hasattr(model, "scorer"):
-        raise ConfigError(f"method {model.name!r} has no exportable scoring graph")
     scorer = model.scorer().eval().cpu()
     size = model.preprocessing.output_size
     example = torch.zeros(batch_size, model.preprocessing.channels, size, size)

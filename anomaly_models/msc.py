@@ -29,6 +29,7 @@ from torch.nn import functional as F
 from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2
+from tqdm.auto import tqdm
 
 from anomaly_models.backbones import (
     Backbone, BackboneName, backbone_preprocessing, build_backbone, every_image, knn_search,
@@ -190,6 +191,7 @@ class KNNScorer(nn.Module):
 class MeanShiftedContrastive(AnomalyModel):
     name = "msc"
     config_class = MSCConfig
+    fitted_tensors = ("center", "bank")
 
     def __init__(self, config=None, train=None, preprocessing=None):
         super().__init__(config, train, preprocessing)
@@ -253,15 +255,15 @@ class MeanShiftedContrastive(AnomalyModel):
         """Normal-only statistic: mean kNN score of the held-out normal images (no test labels here)."""
         if val_loader is None or len(val_loader.dataset) == 0:
             return {}
-        device = next(self.network.parameters()).device
-        features = self.embed_loader(val_loader, device)
-        return {"val_knn_score": self.scorer().to(device).score_features(features).mean().item()}
+        features = self.embed_loader(val_loader, self.device)
+        return {"val_knn_score": self.scorer().to(self.device).score_features(features).mean().item()}
 
     @torch.no_grad()
     def embed_loader(self, loader: DataLoader, device: torch.device) -> torch.Tensor:
         """(N, D) unit features of every image a loader yields."""
         self.network.eval()
-        features = [self.network(batch.image.to(device)) for batch in loader]
+        batches = tqdm(loader, desc=f"{self.name} features", leave=False, disable=None)
+        features = [self.network(batch.image.to(device)) for batch in batches]
         if not features:
             raise ConfigError("msc: the training loader yielded no images")
         return torch.cat(features)
@@ -271,22 +273,4 @@ class MeanShiftedContrastive(AnomalyModel):
             raise ConfigError("msc: the model is not fitted (no feature bank); call fit first")
         return KNNScorer(self.network.backbone, self.bank, self.config.k, self.config.chunk_size)
 
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, None]:
-        device = next(self.network.parameters()).device
-        scorer = self.scorer().to(device).eval()
-        return scorer(images.to(device)).cpu(), None
-
-    def state_dict(self) -> dict:
-        return {"network": self.network.state_dict(), "center": self.center, "bank": self.bank}
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.center, self.bank = state["center"], state["bank"]
-
-    def to(self, device: torch.device | str) -> "MeanShiftedContrastive":
-        self.network.to(device)
-        self.bank = self.bank.to(device) if self.bank is not None else None
-        self.center = self.center.to(device) if self.center is not None else None
-        return self
 

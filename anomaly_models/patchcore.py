@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from anomaly_models.backbones import (
     STAGES, Backbone, BackboneName, backbone_preprocessing, build_backbone, every_image, knn_search,
@@ -168,6 +169,7 @@ class PatchCoreScorer(nn.Module):
 class PatchCore(AnomalyModel):
     name = "patchcore"
     config_class = PatchCoreConfig
+    fitted_tensors = ("memory_bank", "projection")
 
     def __init__(self, config=None, train=None, preprocessing=None):
         super().__init__(config, train, preprocessing)
@@ -193,7 +195,7 @@ class PatchCore(AnomalyModel):
         self.record_weights(c.weights)
         self.network.to(device).eval()
         self.projection, collected = None, []
-        for batch in every_image(train_loader):
+        for batch in tqdm(every_image(train_loader), desc=f"{self.name} features", leave=False, disable=None):
             images = batch.image.to(device)
             if c.projection_dim and self.projection is None:
                 width = patch_features(self.network, images[:1], c.layers, c.pooling_size).shape[-1]
@@ -225,25 +227,3 @@ class PatchCore(AnomalyModel):
             raise ConfigError("patchcore: the model is not fitted (no memory bank); call fit first")
         return PatchCoreScorer(self.network, self.memory_bank, self.projection, self.config)
 
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scorer = self.scorer().eval()
-        device = next(self.network.parameters()).device
-        scores, maps = scorer.to(device)(images.to(device))
-        return scores.cpu(), maps.cpu()
-
-    def state_dict(self) -> dict:
-        return {"network": self.network.state_dict(), "memory_bank": self.memory_bank,
-                "projection": self.projection}
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.memory_bank, self.projection = state["memory_bank"], state["projection"]
-
-    def to(self, device: torch.device | str) -> "PatchCore":
-        self.network.to(device)
-        if self.memory_bank is not None:
-            self.memory_bank = self.memory_bank.to(device)
-        if self.projection is not None:
-            self.projection = self.projection.to(device)
-        return self

@@ -224,7 +224,7 @@ def check_same_subject(model: AnomalyModel, data: DataConfig) -> None:
 
 def model_dataset(model: AnomalyModel, data: DataConfig, split: str) -> RecordDataset:
     """`build_dataset` for this model: a video model reads clips of its own clip_length."""
-    return build_dataset(data, split, model.preprocessing, getattr(model.config, "clip_length", None))
+    return build_dataset(data, split, model.preprocessing, model.clip_length)
 
 
 def _same_finished_model(path: Path, model: AnomalyModel) -> bool:

@@ -50,6 +50,8 @@ def test_image_size_must_divide_by_the_downsampling(mvtec_root):
     model = build_model("ae", config={"num_downsamples": 4}, preprocessing={"image_size": 40})
     with pytest.raises(ConfigError, match="image_size: 40 is not divisible by 16"):
         model.fit(DataLoader([]))
+    with pytest.raises(ConfigError, match="image_size: 40 is not divisible by 16"):
+        model.predict(torch.zeros(1, 3, 40, 40))
 
 
 def test_nan_loss_stops_with_epoch_and_batch_named():

@@ -111,6 +111,12 @@ def test_save_load_batch_of_one_and_grayscale(bottle_model, tmp_path, mvtec_root
     torch.testing.assert_close(one_map, maps[:1], rtol=1e-5, atol=1e-4)
     gray_scores, gray_maps = loaded.predict(images.mean(dim=1, keepdim=True))
     assert gray_scores.shape == (3,) and gray_maps.shape == (3, 64, 64)
+    # the memory bank is a fitted tensor of the base interface: saved, restored and named when missing
+    assert torch.equal(loaded.memory_bank, bottle_model.memory_bank)
+    state = loaded.state_dict()
+    del state["memory_bank"]
+    with pytest.raises(CheckpointError, match="patchcore state lacks memory_bank"):
+        loaded.load_state_dict(state)
 
 
 def test_bad_weights_and_unfitted_model_are_named(tmp_path, tiny_mvtec):

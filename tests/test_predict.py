@@ -57,11 +57,17 @@ def test_predict_on_the_bottle_test_folder_matches_evaluate(tmp_path, mvtec_root
                  "--batch-size", "3", "--device", "cpu"]) == 2  # broken.png: skipped, the rest scored
     rows = list(csv.DictReader(open(out / "predictions.csv")))
     assert len(rows) == 7 and not any(r["path"].endswith("broken.png") for r in rows)
-    assert len(list((out / "overlays").glob("*.png"))) == 7 and len(list((out / "masks").glob("*.png"))) == 7
+    assert len(list((out / "overlays").glob("*.jpg"))) == 7 and len(list((out / "masks").glob("*.png"))) == 7
     for row in rows:
         assert (float(row["normalized_score"]) >= 0.5) == (row["label"] == "1")
         mask = np.asarray(Image.open(row["mask"]))
         assert mask.shape == (512, 512) and set(np.unique(mask)) <= {0, 255}
+        overlay = Image.open(row["overlay"])
+        assert overlay.format == "JPEG" and overlay.size == (512, 512) and overlay.mode == "RGB"
+    lossless = tmp_path / "lossless"
+    assert main(["predict", "--model", str(model_path), "--input", str(inputs / "good_000.png"),
+                 "--out", str(lossless), "--device", "cpu", "--overlay-format", "png"]) == 0
+    assert [Image.open(p).format for p in (lossless / "overlays").iterdir()] == ["PNG"]
 
     test = MVTecAD(mvtec_root, "bottle", "test", model.preprocessing)
     expected = dict(zip(test.records, predict_dataset(model, test, 16, "cpu").scores))

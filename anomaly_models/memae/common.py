@@ -8,7 +8,6 @@ shrinkage, slots used) and whether the memory collapsed, which is warned about a
 from __future__ import annotations
 
 import warnings
-from abc import abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -71,13 +70,6 @@ class MemAEModel(AnomalyModel):
 
     network: MemoryNetwork
 
-    def check_input(self, inputs: torch.Tensor) -> None:
-        """Raise an AnomalyError when a batch does not fit the network."""
-
-    @abstractmethod
-    def scorer(self) -> nn.Module:
-        """Export-ready module: inputs -> (scores, maps)."""
-
     def fit(self, train_loader: DataLoader, val_loader: DataLoader | None = None) -> list[dict]:
         t, c = self.train_config, self.config
         seed_everything(t.seed)
@@ -135,14 +127,6 @@ class MemAEModel(AnomalyModel):
             raise TrainingDiverged(f"{self.name}: {error}; the model keeps {kept}") from None
         self.network.cpu().eval()
         return self.history
-
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.check_input(images)
-        scorer = self.scorer().eval()
-        device = next(self.network.parameters()).device
-        scores, maps = scorer(images.to(device))
-        return scores.cpu(), maps.cpu()
 
 
 def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:

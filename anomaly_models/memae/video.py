@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -134,6 +133,10 @@ class VideoMemAE(MemAEModel):
 
     def scorer(self) -> ClipScorer:
         return ClipScorer(self.network, self.config.smoothing_sigma)
+
+    @property
+    def clip_length(self) -> int:
+        return self.config.clip_length
 
     def check_input(self, clips: torch.Tensor) -> None:
         c, factor = self.config, 2 ** len(self.config.widths)

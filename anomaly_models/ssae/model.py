@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from anomaly_models.ae import ReconstructionScorer
-from anomaly_models.base import AnomalyModel, register_model
+from anomaly_models.base import AnomalyModel, check_divisible, register_model
 from anomaly_models.distributed import rank
 from anomaly_models.errors import ConfigError
 from anomaly_models.scoring import ScoreReduction
@@ -178,7 +178,7 @@ class SelfSupervisedAutoencoder(AnomalyModel):
         return ReconstructionScorer(self.network, c.smoothing_sigma, c.score_reduction, c.top_k)
 
     def fit(self, train_loader: DataLoader, val_loader: DataLoader | None = None) -> list[dict]:
-        self._check_size(self.preprocessing.output_size)
+        check_divisible(self.name, [self.preprocessing.output_size], self.config.num_downsamples)
         crop = self.config.train_crop_size
         if crop is not None and crop > self.preprocessing.output_size:
             raise ConfigError(
@@ -188,7 +188,7 @@ class SelfSupervisedAutoencoder(AnomalyModel):
         t = self.train_config
         seed_everything(t.seed)
         device = resolve_device(t.device)
-        self.network.to(device, memory_format=self.memory_format)
+        self.network.to(device, memory_format=self.input_memory_format)
         optimizer = torch.optim.AdamW(self.network.parameters(), lr=t.lr, weight_decay=t.weight_decay)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(t.epochs, 1))
         corrupt = self.corruption()
@@ -206,7 +206,7 @@ class SelfSupervisedAutoencoder(AnomalyModel):
                 val_batches[0] += 1
             if crop is not None:
                 images = random_crops(images, crop, generator)
-            images = images.contiguous(memory_format=self.memory_format)
+            images = images.contiguous(memory_format=self.input_memory_format)
             corrupted, changed = corrupt(images, generator)
             target = images
             if noise_std > 0:
@@ -227,40 +227,24 @@ class SelfSupervisedAutoencoder(AnomalyModel):
         return self.history
 
     @property
-    def memory_format(self) -> torch.memory_format:
+    def input_memory_format(self) -> torch.memory_format:
         return torch.channels_last if self.config.channels_last else torch.contiguous_format
 
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self._check_size(*images.shape[-2:])
-        scorer = self.scorer().eval()
-        device = next(self.network.parameters()).device
-        self.network.to(memory_format=self.memory_format)
-        scores, maps = scorer(images.to(device).contiguous(memory_format=self.memory_format))
-        return scores.cpu(), maps.cpu()
+    def check_input(self, images: torch.Tensor) -> None:
+        check_divisible(self.name, images.shape[-2:], self.config.num_downsamples)
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
         """f(images) in eval mode, on the network's device, returned on the CPU."""
-        self._check_size(*images.shape[-2:])
+        self.check_input(images)
         self.network.eval()
-        device = next(self.network.parameters()).device
-        return self.network(images.to(device)).cpu()
+        return self.network(images.to(self.device)).cpu()
 
     def visual_check(self, images: torch.Tensor, path, masks: torch.Tensor | None = None):
         """Grid of input, corrupted input, repair, reconstruction, map and truth (see visual.py)."""
         from anomaly_models.ssae.visual import save_visual_check
 
         return save_visual_check(self, images, path, masks)
-
-    def _check_size(self, *sizes: int) -> None:
-        factor = 2**self.config.num_downsamples
-        for size in sizes:
-            if size % factor:
-                raise ConfigError(
-                    f"preprocessing.image_size: {size} is not divisible by {factor} "
-                    f"(2**model.{self.name}.num_downsamples)"
-                )
 
 
 def random_crops(images: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
