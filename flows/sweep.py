@@ -55,6 +55,7 @@ def sweep_flow(params: Params, workdir: str = ".") -> dict:
 
 
 API_START_TIMEOUT_SECONDS = 90  # 2 busy cores can take this long to start Prefect's API
+API_DRAIN_SECONDS = 30  # longest wait for queued logs and events before the temporary API stops
 CELLS_ARTIFACT = "cell_runs.json"  # the parent run's index of its cells' runs
 
 
@@ -106,7 +107,18 @@ def shared_prefect_api():
             yield
     finally:
         del os.environ["PREFECT_API_URL"]
+        drain_prefect_services()
         server.stop()
+
+
+def drain_prefect_services(timeout: float = API_DRAIN_SECONDS) -> None:
+    """Send the logs and events still queued while the API is up: left for interpreter exit,
+    Prefect retries them against the stopped server for over a minute before giving up."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for service in (APILogWorker, EventsWorker):
+        service.drain_all(timeout=timeout)
 
 
 def leaderboard_from_mlflow(experiment: str, out: str | Path) -> dict[str, Path]:

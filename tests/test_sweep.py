@@ -25,6 +25,7 @@ CLUSTER_START_SECONDS = 120  # scheduler + 2 workers importing dask on 2 busy co
 # A worker stops at once on SIGTERM, but then its Prefect events service retries the sweep's
 # temporary (by then stopped) API while the interpreter exits; it is killed after this long.
 STOP_SECONDS = 5
+EXIT_SECONDS = 15  # from the leaderboard line to the end of `python -m flows.sweep`
 
 
 @pytest.fixture
@@ -98,6 +99,21 @@ def test_sweep_runs_every_cell_as_a_child_run_and_skips_them_on_rerun(tmp_path, 
     assert [status[(m, s)] for m in ("ae", "memae") for s in ("widget", "gadget")] == ["skipped"] * 4
     assert status[("ae", "nope")] == status[("memae", "nope")] == "failed"
     assert "category 'nope' not found" in next(r["error"] for r in again["rows"] if r["status"] == "failed")
+
+    # The command exits once the leaderboard is written: Prefect's queued logs (the failed cells'
+    # tracebacks) are sent before the temporary API stops, not retried against it for a minute.
+    command = [sys.executable, "-m", "flows.sweep", "--params", str(tmp_path / "params.yaml")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+           "PREFECT_LOGGING_LEVEL": "INFO"}  # Prefect's default: the flow's lines go to the API too
+    with subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True) as process:
+        output = []
+        for line in process.stdout:
+            output.append(line)
+            if line.startswith("leaderboard:"):
+                written = time.monotonic()
+        assert process.wait(timeout=60) == 0, "".join(output[-20:])
+    assert time.monotonic() - written < EXIT_SECONDS, "".join(output[-20:])
 
     rebuilt = leaderboard_from_mlflow("anomaly-detection", tmp_path / "rebuilt")
     text = rebuilt["cells_csv"].read_text()
