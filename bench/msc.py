@@ -22,9 +22,11 @@ at the measured training speed. Every setting is printed.
                         [--epochs N] [--image-size PX] [--lr LR] [--threads 1] [--workers 2]
                         [--timing-images 192] [--timing-repeats 2] (--timing-images 0: no timing)
                         [--memory-format channels_last|contiguous]
-    CPU run measured (224 px, 34 min wall, 16 CPU-minutes on 2 busy cores; README has the result):
+    CPU runs measured (224 px, ~40 min wall and 16 CPU-minutes each on 2 busy cores; README has both):
     python bench/msc.py --classes airplane automobile bird --train-images 128 --test-per-class 40 \
-                        --epochs 2 --threads 1 --timing-images 128 --timing-repeats 2
+                        --epochs 2 --threads 1 --timing-images 0                  # the paper's lr
+    python bench/msc.py --classes airplane automobile bird --train-images 128 --test-per-class 40 \
+                        --epochs 2 --threads 1 --timing-images 128 --lr-scaled    # + epoch timing
 """
 
 from __future__ import annotations
