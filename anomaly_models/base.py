@@ -114,8 +114,6 @@ class AnomalyModel(ABC):
         """Score preprocessed images on the model's device: (B,) scores and (B, H, W) maps or None."""
         self.check_input(images)
         device, layout = self.device, self.input_memory_format
-        if layout is not torch.contiguous_format:
-            self.network.to(memory_format=layout)
         output = self.scorer().to(device).eval()(images.to(device).contiguous(memory_format=layout))
         scores, maps = output if isinstance(output, tuple) else (output, None)
         return scores.cpu(), None if maps is None else maps.cpu()
@@ -136,13 +134,13 @@ class AnomalyModel(ABC):
         if missing:
             raise CheckpointError(f"the saved {self.name} state lacks {', '.join(missing)}")
         self.network.load_state_dict(state["network"])
-        self.network.eval()
+        self.network.to(memory_format=self.input_memory_format).eval()
         for name in self.fitted_tensors:
             setattr(self, name, state[name])
 
     def to(self, device: torch.device | str) -> "AnomalyModel":
         """Move the network and the fitted tensors to `device` (predict follows them)."""
-        self.network.to(device)
+        self.network.to(device, memory_format=self.input_memory_format)
         for name in self.fitted_tensors:
             value = getattr(self, name)
             if value is not None:

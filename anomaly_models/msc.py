@@ -272,5 +272,3 @@ class MeanShiftedContrastive(AnomalyModel):
         if self.bank is None:
             raise ConfigError("msc: the model is not fitted (no feature bank); call fit first")
         return KNNScorer(self.network.backbone, self.bank, self.config.k, self.config.chunk_size)
-
-

@@ -226,4 +226,3 @@ class PatchCore(AnomalyModel):
         if self.memory_bank is None:
             raise ConfigError("patchcore: the model is not fitted (no memory bank); call fit first")
         return PatchCoreScorer(self.network, self.memory_bank, self.projection, self.config)
-

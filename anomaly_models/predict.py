@@ -106,7 +106,9 @@ def predict_images(
                 if write_images and maps is not None:
                     pictures = _picture_paths(model, out_dir, path, overlay_format)
                     row.update(pictures)
-                    writing.append(writers.submit(_write_pictures, model, image, maps[row_index], pictures))
+                    writing.append(writers.submit(
+                        _write_pictures, model, image, maps[row_index], pictures, overlay_format
+                    ))
                 report.rows.append(row)
         for future in writing:
             future.result()
@@ -141,7 +143,9 @@ def _picture_paths(model: AnomalyModel, out_dir: Path, path: Path, overlay_forma
     return paths
 
 
-def _write_pictures(model: AnomalyModel, image: Image.Image, anomaly_map: torch.Tensor, paths: dict) -> None:
+def _write_pictures(
+    model: AnomalyModel, image: Image.Image, anomaly_map: torch.Tensor, paths: dict, overlay_format: str
+) -> None:
     """Heat-map overlay and binary defect mask, both at the image's own size."""
     width, height = image.size
     resized = F.interpolate(anomaly_map[None, None].float(), size=(height, width), mode="bilinear",
@@ -153,7 +157,7 @@ def _write_pictures(model: AnomalyModel, image: Image.Image, anomaly_map: torch.
     heat = Image.fromarray(levels.numpy(), "P")
     heat.putpalette(HEAT_PALETTE)
     overlay = Image.blend(image.convert("RGB"), heat.convert("RGB"), OVERLAY_ALPHA)
-    file_format, options = OVERLAY_FORMATS[Path(paths["overlay"]).suffix[1:]]
+    file_format, options = OVERLAY_FORMATS[overlay_format]
     overlay.save(paths["overlay"], file_format, **options)
     if model.threshold:
         mask = (resized >= model.threshold["value"]).to(torch.uint8).mul_(255)
