@@ -49,6 +49,22 @@ def test_cosine_addressing_is_a_softmax_of_cosine_similarities():
     torch.testing.assert_close(memory.address(query), cosine.softmax(dim=1))
 
 
+def test_a_temperature_lets_cosine_addressing_pass_the_shrink_threshold():
+    """At T = 1 cosine logits in [-1, 1] keep every weight of N = 100 slots under 3/N, so all are
+    cut; T = 0.05 sharpens the same similarities until the best-matching slots survive."""
+    torch.manual_seed(0)
+    n = 100
+    paper = MemoryModule(n, 16, shrink_threshold=3.0 / n, addressing="cosine")
+    sharp = MemoryModule(n, 16, shrink_threshold=3.0 / n, addressing="cosine", temperature=0.05)
+    sharp.load_state_dict(paper.state_dict())
+    query = paper.weight.detach()[:4] + 0.1 * torch.randn(4, 16)  # near slots 0..3
+    assert paper.address(query).sum() == 0
+    weights = sharp.address(query)
+    torch.testing.assert_close(weights.sum(dim=1), torch.ones(4))
+    assert weights.argmax(dim=1).tolist() == [0, 1, 2, 3]
+    assert (weights > 0).sum(dim=1).max() < n // 2
+
+
 def test_rows_sum_to_one_or_are_all_zero_and_the_read_out_follows():
     torch.manual_seed(0)
     n, c = 50, 8
@@ -169,6 +185,8 @@ def test_image_size_must_divide_by_the_downsampling():
         build_model("memae", {"addressing": "l2"})
     with pytest.raises(ConfigError, match="memory_size: must be >= 1, got 0"):
         build_model("memae", {"memory_size": 0})
+    with pytest.raises(ConfigError, match="addressing_temperature: must be > 0, got 0"):
+        build_model("memae", {"addressing_temperature": 0})
 
 
 def test_save_load_gives_identical_scores(tmp_path):

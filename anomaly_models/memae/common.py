@@ -38,6 +38,7 @@ class MemoryOptions:
     memory_size: int = 500  # N items (paper: 100 for MNIST, 500 for CIFAR-10, 2000 for video)
     shrink_threshold: float = 1.0  # lambda in units of 1/N (paper: 1 to 3; official video code: 5)
     addressing: Addressing = "dot"  # dot: official code; cosine: the paper's Eq. 5
+    addressing_temperature: float = 1.0  # softmax(similarity / T); paper and official code: 1
     entropy_weight: float = 0.0002  # alpha of the entropy loss
     collapse_fraction: float = 0.95  # warn when this share of positions is empty or goes to one slot
 
@@ -47,6 +48,8 @@ class MemoryOptions:
             value = getattr(self, key)
             if value < low:
                 raise ConfigError(f"{key}: must be >= {low}, got {value}")
+        if self.addressing_temperature <= 0:
+            raise ConfigError(f"addressing_temperature: must be > 0, got {self.addressing_temperature}")
         if not 0 < self.collapse_fraction <= 1:
             raise ConfigError(f"collapse_fraction: must be in (0, 1], got {self.collapse_fraction}")
 

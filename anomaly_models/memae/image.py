@@ -49,7 +49,9 @@ class MemoryAutoencoder(MemoryNetwork):
         item = config.latent_channels
         if self.scope == "image":
             item *= (image_size // 2**config.num_downsamples) ** 2
-        self.memory = MemoryModule(config.memory_size, item, config.shrink_lambda, config.addressing)
+        self.memory = MemoryModule(
+            config.memory_size, item, config.shrink_lambda, config.addressing, config.addressing_temperature
+        )
         self.decoder = ConvDecoder(channels, config)
 
     def reconstruct(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,9 +2,14 @@
 
 Gong et al., ICCV 2019, Sec. 3.3-3.4, with the operators of the official code
 (donggong1/memae-anomaly-detection, models/memory_module.py): a learned matrix M (N x C) initialised
-uniform(-1/sqrt(C), 1/sqrt(C)); every latent position z is a query, w = softmax(sim(z, M)); the
+uniform(-1/sqrt(C), 1/sqrt(C)); every latent position z is a query, w = softmax(sim(z, M) / T); the
 hard shrinkage ReLU(w - lambda) * w / (|w - lambda| + eps) zeroes the small weights and the rest is
 L1-renormalised, so a normal input is rebuilt from a few memory items and an anomaly cannot be.
+
+The temperature T is 1 in the paper and the official code. With the paper's cosine similarity
+(Eq. 5) the logits lie in [-1, 1], so at T = 1 no weight can exceed e / (e + (N - 1) / e) (0.07 for
+N = 100): the addressing stays near uniform and a threshold of 2/N or more zeroes every weight. A
+smaller T lets cosine addressing become as sparse as the paper describes.
 """
 
 from __future__ import annotations
@@ -34,10 +39,12 @@ def addressing_entropy(weights: torch.Tensor, eps: float = SHRINK_EPS) -> torch.
 class MemoryModule(nn.Module):
     """Replace each C-vector of a (B, C, ...) latent map by a sparse combination of N memory items."""
 
-    def __init__(self, slots: int, channels: int, shrink_threshold: float, addressing: Addressing = "dot"):
+    def __init__(self, slots: int, channels: int, shrink_threshold: float, addressing: Addressing = "dot",
+                 temperature: float = 1.0):
         super().__init__()
         self.shrink_threshold = shrink_threshold  # absolute lambda (0 disables shrinkage)
         self.addressing = addressing
+        self.temperature = temperature
         bound = 1.0 / math.sqrt(channels)
         self.weight = nn.Parameter(torch.empty(slots, channels).uniform_(-bound, bound))
 
@@ -51,7 +58,7 @@ class MemoryModule(nn.Module):
             logits = F.normalize(queries, dim=1) @ F.normalize(self.weight, dim=1).t()
         else:
             logits = queries @ self.weight.t()
-        weights = logits.softmax(dim=1)
+        weights = (logits / self.temperature).softmax(dim=1)
         if self.shrink_threshold > 0:
             weights = F.normalize(hard_shrink(weights, self.shrink_threshold), p=1, dim=1)
         return weights

@@ -66,7 +66,8 @@ class VideoMemoryAutoencoder(MemoryNetwork):
             down += _block(nn.Conv3d(c_in, c_out, 3, stride, padding=1), c_out)
         self.encoder = nn.Sequential(*down)
         self.memory = (
-            MemoryModule(config.memory_size, widths[-1], config.shrink_lambda, config.addressing)
+            MemoryModule(config.memory_size, widths[-1], config.shrink_lambda, config.addressing,
+                         config.addressing_temperature)
             if config.use_memory else None
         )
         up = []
