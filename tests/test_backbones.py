@@ -64,6 +64,25 @@ def test_resnet152_freezes_the_stem_and_first_two_stages():
     assert all(p.requires_grad for p in build_backbone("resnet18").parameters())
 
 
+def test_lite0_frozen_stages_are_the_blocks_up_to_that_stride_and_get_no_gradient():
+    backbone = build_backbone("efficientnet_lite0")
+    backbone.freeze(["stem", "layer1", "layer2"])  # as ResNet-152's, by output stride (<= 8)
+    net = backbone.net
+    strides = [1]
+    for block in net._blocks:  # cumulative stride after the stem's 2
+        strides.append(strides[-1] * block._depthwise_conv.stride[0])
+    frozen_blocks = [i for i, block in enumerate(net._blocks) if not any(p.requires_grad for p in block.parameters())]
+    assert frozen_blocks == [i for i in range(len(net._blocks)) if 2 * strides[i + 1] <= 8]
+    assert not net._conv_stem.weight.requires_grad and not net._bn0.weight.requires_grad
+    backbone(torch.randn(2, 3, 64, 64)).sum().backward()
+    assert net._conv_stem.weight.grad is None and net._blocks[0]._depthwise_conv.weight.grad is None
+    assert net._blocks[-1]._project_conv.weight.grad is not None
+    backbone.freeze([])  # nothing frozen: every parameter trains again
+    assert all(p.requires_grad for p in backbone.parameters())
+    with pytest.raises(ConfigError, match="'block3' is not a stage"):
+        backbone.freeze(["block3"])
+
+
 def test_weights_files_are_checked_key_by_key(tmp_path):
     source = build_backbone("resnet18")
     state = source.net.state_dict()
