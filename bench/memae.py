@@ -29,7 +29,6 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -42,11 +41,11 @@ sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing the
 from anomaly_models import build_model  # noqa: E402
 from anomaly_models.config import load_params  # noqa: E402
 from anomaly_models.data import MVTecAD, OneClassCIFAR10, OneClassImageFolder  # noqa: E402
-from anomaly_models.data.common import RecordDataset  # noqa: E402
 from anomaly_models.evaluation import evaluate, predict_dataset  # noqa: E402
 from anomaly_models.memae import VideoFrameDataset, evaluate_video, video_preprocessing  # noqa: E402
 from anomaly_models.training import seed_everything  # noqa: E402
 from anomaly_models.transforms import Preprocessing  # noqa: E402
+from selection import selection_set  # noqa: E402  (bench/selection.py)
 
 PAPER = {"mnist": (0.975, 0.962), "cifar10": (0.609, 0.571), "ped2": (0.941, 0.917)}  # MemAE, AE
 TARGET_MNIST = 0.95  # issue 19: MemAE > AE on the MNIST mean AUROC, and >= this
@@ -95,16 +94,6 @@ def diagnostics(info: dict, slots: int) -> str:
     return (f"slots used {info['memory_slots_used']:.0f}/{slots}, entropy {info['train_entropy']:.2f}, "
             f"zeroed {info['train_zeroed_fraction']:.3f}, empty {info['train_empty_fraction']:.3f}, "
             f"top slot {info['train_top_slot_share']:.3f}, collapse warnings {info['collapse_warnings']}")
-
-
-def selection_set(dataset_class, root: Path, normal: str, classes: tuple[str, ...], pre: Preprocessing):
-    """Train-split images for comparing settings: the normal class's held-out part (label 0) and
-    every other class's held-out part (label 1); none of them is trained on, none is a test image."""
-    records = []
-    for cls in classes:
-        held_out = dataset_class(root, cls, "val", pre).records
-        records += [replace(r, label=int(cls != normal)) for r in held_out]
-    return RecordDataset(records, pre, cache=True)
 
 
 def one_class(args, name: str, classes: tuple[str, ...]) -> dict:

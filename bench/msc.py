@@ -9,8 +9,11 @@ ratio official / project of the fastest epochs is printed (>= 1: the project is 
 Then per class, measured in one run: AUROC of the pretrained features with kNN scoring (epoch 0, the
 official code's first line) next to the AUROC after mean-shifted contrastive fine-tuning, plus
 training and scoring throughput. Both models see only the normal class's training images; the test
-split is only scored. The pretrained test features do not depend on the class, so they are computed
-once; the epoch-0 model is checked to score a few test images exactly as `predict` does.
+split is only scored. For choosing between settings (lr, epochs, frozen stages) without the test
+split, each class also gets a *selection* AUROC on the train split (bench/selection.py: the class's
+held-out 10 % against every other class's held-out 10 %). The pretrained test features do not
+depend on the class, so they are computed once; the epoch-0 model is checked to score a few test
+images exactly as `predict` does.
 
 The paper trains 20 epochs over 5000 images at batch 64 with SGD lr 1e-5 (1580 steps); the default
 here is its lr. A CPU run takes far fewer steps; scaling the lr up to keep lr x steps (--lr-scaled)
@@ -21,6 +24,7 @@ at the measured training speed. Every setting is printed.
     python bench/msc.py [--classes airplane cat] [--train-images N] [--test-per-class N]
                         [--epochs N] [--image-size PX] [--lr LR] [--threads 1] [--workers 2]
                         [--timing-images 192] [--timing-repeats 2] (--timing-images 0: no timing)
+                        [--frozen-stages stem layer1 layer2] [--json f.json]
                         [--memory-format channels_last|contiguous]
     CPU runs measured (224 px, ~40 min wall and 16 CPU-minutes each on 2 busy cores; README has both):
     python bench/msc.py --classes airplane automobile bird --train-images 128 --test-per-class 40 \
@@ -32,6 +36,7 @@ at the measured training speed. Every setting is printed.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import sys
@@ -54,9 +59,11 @@ from anomaly_models.data import CIFAR10_CLASSES, OneClassCIFAR10, default_data_r
 from anomaly_models.backbones import build_backbone  # noqa: E402
 from anomaly_models.data.common import RecordDataset  # noqa: E402
 from anomaly_models.msc import TRAIN_DEFAULTS, records_of  # noqa: E402
+from selection import selection_set  # noqa: E402  (bench/selection.py)
 
 PAPER_TRAIN_IMAGES = 5000  # CIFAR-10 images per class in the paper's training set
 TARGET_GAIN = 0.02  # issue 19: fine-tuned mean AUROC >= epoch-0 mean + this
+PAPER = (0.972, 0.925)  # CIFAR-10 mean AUROC, ResNet-152: MSC fine-tuned / pretrained kNN (epoch 0)
 
 
 class OfficialBlur:
@@ -174,6 +181,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="training loader workers (official: 2)")
     parser.add_argument("--timing-images", type=int, default=192, help="epoch-time comparison; 0: skip it")
     parser.add_argument("--timing-repeats", type=int, default=2)
+    parser.add_argument("--json", type=Path, default=None, help="write the results here (after each class)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -212,11 +220,14 @@ def main() -> None:
         timing_set = Subset(train_sets[args.classes[0]].dataset, list(range(args.timing_images)))
         epoch_time_ratio(timing_set, config, train, preprocessing, args)
     test_features = None
-    rows = []
+    rows, results = [], {}
     for name in args.classes:
         loader = DataLoader(train_sets[name], batch_size=args.batch_size, shuffle=True,
                             generator=torch.Generator().manual_seed(0), num_workers=args.workers)
         labels = (classes != name).astype(int)
+        selection = selection_set(OneClassCIFAR10, root, name, CIFAR10_CLASSES, probe.preprocessing)
+        selection_loader = DataLoader(selection, batch_size=args.batch_size)
+        selection_labels = np.array([r.label for r in selection.records])
         epoch0 = build_model("msc", config, {**train, "epochs": 0}, preprocessing)
         epoch0.fit(loader)
         if test_features is None:  # pretrained features: the same for every class
@@ -227,19 +238,29 @@ def main() -> None:
         scores0 = epoch0.scorer().score_features(test_features).numpy()
         first = next(iter(test_loader)).image[:4]
         np.testing.assert_allclose(epoch0.predict(first)[0].numpy(), scores0[:4], rtol=1e-4, atol=1e-6)
+        selection0 = roc_auc_score(selection_labels, scores_of(epoch0, selection_loader))
 
         model = build_model("msc", config, train, preprocessing)
+        cpu0 = cpu_seconds()
         history = model.fit(loader)
+        cpu_min = (cpu_seconds() - cpu0) / 60
         train_seconds = sum(r["seconds"] for r in history[1:])
         t0 = time.perf_counter()
-        scores = torch.cat([model.predict(batch.image)[0] for batch in test_loader]).numpy()
+        scores = scores_of(model, test_loader)
         score_rate = len(picks) / (time.perf_counter() - t0)
         row = (name, roc_auc_score(labels, scores0), roc_auc_score(labels, scores),
                n_train * args.epochs / max(train_seconds, 1e-9), score_rate, history[-1].get("train_loss", float("nan")))
         rows.append(row)
-        print(f"{name}: epoch-0 AUROC {row[1]:.4f}, fine-tuned AUROC {row[2]:.4f}, train {row[3]:.1f} img/s, "
-              f"scoring {row[4]:.1f} img/s, final loss {row[5]:.4f} ({time.perf_counter() - started:.0f} s)",
-              flush=True)
+        results[name] = {"epoch0_auroc": row[1], "auroc": row[2], "epoch0_selection_auroc": selection0,
+                         "selection_auroc": roc_auc_score(selection_labels, scores_of(model, selection_loader)),
+                         "train_images_per_s": row[3], "cpu_min": cpu_min, "steps": steps, "lr": lr}
+        print(f"{name}: epoch-0 AUROC {row[1]:.4f}, fine-tuned AUROC {row[2]:.4f} (selection, train split: "
+              f"epoch-0 {selection0:.4f}, fine-tuned {results[name]['selection_auroc']:.4f}), train {row[3]:.1f} "
+              f"img/s, {cpu_min:.1f} CPU-min, scoring {row[4]:.1f} img/s, final loss {row[5]:.4f} "
+              f"({time.perf_counter() - started:.0f} s)", flush=True)
+        if args.json:
+            args.json.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()},
+                                             "classes": results}, indent=2) + "\n")
 
     print(f"\n{'class':<12} {'epoch-0':>8} {'fine-tuned':>10} {'train img/s':>12} {'score img/s':>12}")
     for name, auc0, auc, train_rate, rate, _ in rows:
@@ -254,10 +275,18 @@ def main() -> None:
     paper_hours = paper_steps * args.batch_size / train_rate / 3600
     print(f"the paper's {paper_steps} steps of {args.batch_size} images at the measured {train_rate:.1f} img/s: "
           f"{paper_hours:.0f} hours per class on this machine")
-    times = os.times()  # loader workers count once they have exited
-    cpu = times.user + times.system + times.children_user + times.children_system
     print(f"pretrained test-feature extraction: {score0_rate:.1f} img/s; total {time.perf_counter() - started:.0f} s "
-          f"wall, {cpu / 60:.1f} CPU-minutes (this process and its loader workers, timing included)")
+          f"wall, {cpu_seconds() / 60:.1f} CPU-minutes (this process and its loader workers, timing included)")
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and its exited children (the loader workers count once they exit)."""
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
+
+
+def scores_of(model, loader) -> np.ndarray:
+    return torch.cat([model.predict(batch.image)[0] for batch in loader]).numpy()
 
 
 if __name__ == "__main__":
