@@ -24,9 +24,10 @@ from PIL import Image
 from anomaly_models.data import default_data_root
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="session")
 def one_torch_thread():
-    """Tiny test models run faster on one thread, and tests don't fight each other for cores."""
+    """Tiny test models run faster on one thread, and tests don't fight each other for cores; for
+    the whole session, so that module-scoped fixtures (a fitted model, a backbone) get it too."""
     import torch
 
     previous = torch.get_num_threads()

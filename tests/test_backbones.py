@@ -9,15 +9,6 @@ from anomaly_models.backbones import (
 from anomaly_models.errors import CheckpointError, ConfigError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """On a shared 2-core machine one torch thread is several times faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def lite0():
     return build_backbone("efficientnet_lite0", "imagenet").eval()

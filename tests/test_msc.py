@@ -13,15 +13,6 @@ from anomaly_models.errors import CheckpointError, ConfigError
 from anomaly_models.msc import ContrastiveViews, msc_loss, nt_xent, records_of
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """On a shared 2-core machine one torch thread is several times faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def official_contrastive_loss(out_1, out_2, temperature):
     """The official code's loss, transcribed to numpy."""
     out_1 = out_1 / np.linalg.norm(out_1, axis=1, keepdims=True)

@@ -11,15 +11,6 @@ from anomaly_models.evaluation import evaluate, predict_dataset
 from anomaly_models.patchcore import greedy_coreset, patch_features
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """On a shared 2-core machine one torch thread is several times faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("pool_size", [0, 8])
 def test_coreset_picks_the_farthest_point_each_step(pool_size):
     rng = np.random.default_rng(0)

@@ -25,15 +25,6 @@ KINDS = ("patch", "texture", "color", "elastic", "solid")
 TINY = {"base_channels": 8, "dilation_rates": [1, 2, 4, 8]}
 
 
-@pytest.fixture
-def one_thread():
-    """These networks are tiny: on a shared 2-core machine one thread is several times faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def bottle_batch(mvtec_root):
     """Four real bottle training images, preprocessed at 64 px."""
@@ -118,7 +109,7 @@ def test_anomaly_map_is_the_smoothed_residual_of_the_ssae_reconstruction():
     assert perfect_maps.abs().max() == 0 and perfect_scores.abs().max() == 0
 
 
-def test_short_training_repairs_corrupted_regions_instead_of_copying_them(one_thread):
+def test_short_training_repairs_corrupted_regions_instead_of_copying_them():
     """The gated skips must not learn the identity: inside a corrupted region the output is
     closer to the clean image than to the corrupted input it was given."""
     model = build_model(
@@ -138,7 +129,7 @@ def test_short_training_repairs_corrupted_regions_instead_of_copying_them(one_th
     assert to_clean < 0.5 * to_corrupted, (to_clean, to_corrupted)
 
 
-def test_training_is_seeded_and_checkpoints_carry_the_corruption(tmp_path, one_thread):
+def test_training_is_seeded_and_checkpoints_carry_the_corruption(tmp_path):
     config = {**TINY, "corruption": {"probability": 0.8, "gaussian_noise_std": 0.05, "max_regions": 2}}
     train = {"epochs": 1, "batch_size": 8, "device": "cpu", "seed": 3}
 
@@ -178,7 +169,7 @@ def test_visual_check_writes_a_grid_and_rejects_bad_masks(tmp_path, bottle_batch
         save_visual_check(model, bottle_batch, tmp_path / "bad.png", masks)
 
 
-def test_cli_trains_without_test_folder_and_evaluates_on_real_bottle(tmp_path, tiny_mvtec, one_thread, capsys):
+def test_cli_trains_without_test_folder_and_evaluates_on_real_bottle(tmp_path, tiny_mvtec, capsys):
     """End to end on real (downsized) bottle images; training must not read test/."""
     hidden = tmp_path / "hidden_test"
     shutil.move(tiny_mvtec / "widget" / "test", hidden)
@@ -208,7 +199,7 @@ def test_config_defaults_follow_the_issue():
     assert dataclasses.asdict(config)["corruption"]["gaussian_noise_std"] == 0.0
 
 
-def test_trains_on_random_crops_and_scores_whole_images(one_thread):
+def test_trains_on_random_crops_and_scores_whole_images():
     model = build_model("ssae", config={**TINY, "train_crop_size": 16},
                         train={"epochs": 1, "batch_size": 4, "device": "cpu"}, preprocessing={"image_size": 32})
     history = model.fit(loader(smooth_images(8, 32, 0), batch_size=4))
