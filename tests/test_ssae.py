@@ -17,7 +17,7 @@ from anomaly_models.errors import ConfigError, DataError
 from anomaly_models.evaluation import evaluate, predict_dataset
 from anomaly_models.scoring import residual_map
 from anomaly_models.ssae import CorruptionConfig
-from anomaly_models.ssae.model import batch_generator, random_crops
+from anomaly_models.ssae.model import batch_generator, position_grid, random_crops, training_inputs
 from anomaly_models.ssae.visual import save_visual_check
 from anomaly_models.transforms import Preprocessing
 
@@ -223,3 +223,32 @@ def test_solid_fills_are_near_black_or_white(bottle_batch):
     level = ((corrupted - corrupt.low.view(1, -1, 1, 1)) / (corrupt.high - corrupt.low).view(1, -1, 1, 1))
     inside = level.permute(1, 0, 2, 3)[:, mask]
     assert ((inside <= 0.25 + 1e-5) | (inside >= 0.75 - 1e-5)).all()
+
+
+def test_position_channels_give_crops_the_coordinates_they_were_cut_from(tmp_path):
+    images = smooth_images(3, 32, 4)
+    plain, none = training_inputs(images, 16, False, batch_generator(0, 0, 5))
+    crops, coordinates = training_inputs(images, 16, True, batch_generator(0, 0, 5))
+    assert none is None and torch.equal(plain, crops)  # same crops with or without positions
+    whole = position_grid(images)
+    assert whole.shape == (3, 2, 32, 32) and whole.min() == -1 and whole.max() == 1
+    steps = torch.linspace(-1, 1, 32)
+    for image, crop, coordinate in zip(images, crops, coordinates):
+        top = int(torch.argmin((steps - coordinate[0, 0, 0]).abs()))
+        left = int(torch.argmin((steps - coordinate[1, 0, 0]).abs()))
+        assert torch.equal(crop, image[:, top:top + 16, left:left + 16])
+        assert torch.equal(coordinate, whole[0, :, top:top + 16, left:left + 16])
+
+    model = build_model("ssae", config={**TINY, "train_crop_size": 16, "position_channels": True},
+                        train={"epochs": 1, "batch_size": 4, "device": "cpu"}, preprocessing={"image_size": 32})
+    assert model.network.stem[0].in_channels == 5
+    model.fit(loader(smooth_images(8, 32, 0), batch_size=4))
+    network = model.network.eval()
+    with torch.no_grad():
+        assert torch.equal(network(images), network(images, whole))
+        assert not torch.allclose(network(images), network(images, whole.flip(-1)))  # positions are used
+    scores, maps = model.predict(images)
+    loaded = load_model(model.save(tmp_path / "ssae.pt"))
+    assert loaded.config.position_channels and loaded.network.stem[0].in_channels == 5
+    scores2, maps2 = loaded.predict(images)
+    assert torch.equal(scores, scores2) and torch.equal(maps, maps2)

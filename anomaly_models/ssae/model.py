@@ -17,7 +17,11 @@ Architecture choices that are ours (the papers publish no code):
   computed from both. No path copies the input to the output ungated: the gate, trained on
   corrupted inputs with clean targets, learns to close where the input is corrupted (the
   segmentation half of the task) and to pass detail where it is normal;
-- a linear output (images are normalised, as in `ae.py`).
+- a linear output (images are normalised, as in `ae.py`);
+- optionally (`position_channels`, CoordConv) two input channels holding each pixel's (y, x) in
+  [-1, 1] of the whole image. Bottle images are aligned, so what is normal depends on where: the
+  dark opening is normal at the centre, a dark broken rim is not. Training crops get the
+  coordinates of where they were cut from, so a crop-trained network still knows where it is.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ class SSAEConfig:
     # whole images: the network is fully convolutional. None: train on whole images.
     train_crop_size: int | None = None
     channels_last: bool = True  # NHWC memory format for training and scoring (faster CPU convolutions)
+    position_channels: bool = False  # two extra input channels: the pixel's (y, x) in the whole image
     corruption: CorruptionConfig = CorruptionConfig()
 
     def __post_init__(self):
@@ -133,13 +138,19 @@ class SSAENetwork(nn.Module):
     def __init__(self, channels: int, config: SSAEConfig):
         super().__init__()
         widths = config.widths()
-        self.stem = _conv(channels, widths[0])
+        self.position_channels = config.position_channels
+        self.stem = _conv(channels + (2 if config.position_channels else 0), widths[0])
         self.down = nn.ModuleList(_conv(a, b, stride=2) for a, b in zip(widths, widths[1:]))
         self.bottleneck = nn.Sequential(*(DilatedBlock(widths[-1], r) for r in config.dilation_rates))
         self.up = nn.ModuleList(UpStage(a, b) for a, b in zip(widths[::-1], widths[::-1][1:]))
         self.head = nn.Conv2d(widths[0], channels, 3, padding=1)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, coordinates: torch.Tensor | None = None) -> torch.Tensor:
+        """`coordinates` (B, 2, H, W) of crops (see `position_grid`); None: `images` are whole images."""
+        if self.position_channels:
+            if coordinates is None:
+                coordinates = position_grid(images)
+            images = torch.cat([images, coordinates.to(images.dtype)], dim=1)
         x = self.stem(images)
         skips = [x]
         for stage in self.down:
@@ -204,15 +215,14 @@ class SelfSupervisedAutoencoder(AnomalyModel):
             else:
                 generator = batch_generator(t.seed, 1, val_batches[0])
                 val_batches[0] += 1
-            if crop is not None:
-                images = random_crops(images, crop, generator)
+            images, coordinates = training_inputs(images, crop, self.config.position_channels, generator)
             images = images.contiguous(memory_format=self.input_memory_format)
             corrupted, changed = corrupt(images, generator)
             target = images
             if noise_std > 0:
                 noise = gaussian_noise(images, noise_std, generator)
                 corrupted, target = corrupted + noise, images + noise
-            loss = nn.functional.mse_loss(self.network(corrupted), target)
+            loss = nn.functional.mse_loss(self.network(corrupted, coordinates), target)
             return loss, {"corrupted_fraction": changed.float().mean().item()}
 
         def reset_validation(epoch: int, record: dict) -> None:
@@ -245,6 +255,28 @@ class SelfSupervisedAutoencoder(AnomalyModel):
         from anomaly_models.ssae.visual import save_visual_check
 
         return save_visual_check(self, images, path, masks)
+
+
+def position_grid(images: torch.Tensor) -> torch.Tensor:
+    """(B, 2, H, W): each pixel's (y, x) in [-1, 1] of the (B, C, H, W) `images` (CoordConv)."""
+    batch, _, height, width = images.shape
+    ys = torch.linspace(-1.0, 1.0, height, dtype=images.dtype, device=images.device)
+    xs = torch.linspace(-1.0, 1.0, width, dtype=images.dtype, device=images.device)
+    grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij"))
+    return grid.unsqueeze(0).expand(batch, -1, -1, -1)
+
+
+def training_inputs(images: torch.Tensor, crop: int | None, positions: bool,
+                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Random crops of `images` (crop None: the whole images) and, with `positions`, each crop's
+    coordinates in the whole image; the crop positions drawn do not depend on `positions`."""
+    coordinates = position_grid(images) if positions else None
+    if crop is None:
+        return images, coordinates
+    if coordinates is None:
+        return random_crops(images, crop, generator), None
+    cropped = random_crops(torch.cat([images, coordinates], dim=1), crop, generator)
+    return tuple(cropped.split([images.shape[1], 2], dim=1))
 
 
 def random_crops(images: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
