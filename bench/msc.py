@@ -19,9 +19,9 @@ The paper trains 20 epochs over 5000 images at batch 64 with SGD lr 1e-5 (1580 s
 here is its lr. A CPU run takes far fewer steps and needs a larger lr: keeping lr x steps
 (--lr-scaled) broke the features after 4 steps (lr 3.95e-3); after 160 steps (20 epochs of the
 bundled 450 images) lr 9.88e-5, 2e-4 and 4e-4 all helped, and the selection AUROC picked 4e-4
-(profile msc_cpu in params.yaml; README has every run). The last lines print issue 19's target (fine-tuned
-mean >= epoch-0 mean + 0.02), met or with its distance, and what the paper's step count would cost
-at the measured training speed. Every setting is printed.
+(profile msc_cpu in params.yaml; README has every run). The last lines print issue 19's target
+(fine-tuned mean >= epoch-0 mean + 0.02), met or with its distance, and what the paper's step
+count would cost at the measured training speed. Every setting is printed.
 
     python bench/msc.py [--classes airplane cat] [--train-images N] [--test-per-class N]
                         [--epochs N] [--image-size PX] [--lr LR] [--threads 1] [--workers 2]
