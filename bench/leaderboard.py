@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the bench scripts ho
 import memae as memae_bench  # noqa: E402  (bench/memae.py)
 import msc as msc_bench  # noqa: E402  (bench/msc.py)
 import ssae as ssae_bench  # noqa: E402  (bench/ssae.py)
+from entry import run  # noqa: E402  (bench/entry.py)
 
 COLUMNS = ("method, data, metric", "budget (CPU-min)", "method", "baseline", "paper (method / baseline)",
            "issue 19 target")
@@ -124,4 +125,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -46,6 +46,7 @@ from anomaly_models.memae import VideoFrameDataset, evaluate_video, video_prepro
 from anomaly_models.training import seed_everything  # noqa: E402
 from anomaly_models.transforms import Preprocessing  # noqa: E402
 from selection import selection_set  # noqa: E402  (bench/selection.py)
+from entry import run  # noqa: E402  (bench/entry.py)
 
 PAPER = {"mnist": (0.975, 0.962), "cifar10": (0.609, 0.571), "ped2": (0.941, 0.917)}  # MemAE, AE
 TARGET_MNIST = 0.95  # issue 19: MemAE > AE on the MNIST mean AUROC, and >= this
@@ -257,4 +258,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -25,6 +25,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing the package
 
 from anomaly_models.metrics import pixel_metrics  # noqa: E402
+from entry import run  # noqa: E402  (bench/entry.py)
 
 
 def default_data_root() -> Path:
@@ -109,4 +110,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -66,6 +66,7 @@ from anomaly_models.backbones import build_backbone  # noqa: E402
 from anomaly_models.data.common import RecordDataset  # noqa: E402
 from anomaly_models.msc import TRAIN_DEFAULTS, records_of  # noqa: E402
 from selection import selection_set  # noqa: E402  (bench/selection.py)
+from entry import run  # noqa: E402  (bench/entry.py)
 
 PAPER_TRAIN_IMAGES = 5000  # CIFAR-10 images per class in the paper's training set
 TARGET_GAIN = 0.02  # issue 19: fine-tuned mean AUROC >= epoch-0 mean + this
@@ -296,4 +297,4 @@ def scores_of(model, loader) -> np.ndarray:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

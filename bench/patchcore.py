@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing the
 from anomaly_models import build_model, load_model  # noqa: E402
 from anomaly_models.data import MVTecAD, default_data_root  # noqa: E402
 from anomaly_models.evaluation import evaluate, predict_dataset  # noqa: E402
+from entry import run  # noqa: E402  (bench/entry.py)
 
 KEYS = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
 MAX_COST = 2.0  # the pooled coreset may cost at most this many feature extractions
@@ -105,4 +106,4 @@ def score(name, model, root, args, record):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

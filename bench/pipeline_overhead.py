@@ -26,6 +26,7 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+from entry import run  # noqa: E402  (bench/entry.py)
 
 
 def main() -> None:
@@ -125,4 +126,4 @@ def noop_dvc_repro(work: Path, params_file: Path) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -31,6 +31,7 @@ from anomaly_models.data import default_data_root  # noqa: E402
 from anomaly_models.data.common import load_image  # noqa: E402
 from anomaly_models.predict import collect_inputs, predict_images  # noqa: E402
 from anomaly_models.training import resolve_device  # noqa: E402
+from entry import run  # noqa: E402  (bench/entry.py)
 
 # Methods whose freshly initialised model predicts without seeing training data (no feature bank).
 FORWARD_ONLY_METHODS = ("ae", "memae", "ssae")
@@ -129,4 +130,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

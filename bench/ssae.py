@@ -37,6 +37,7 @@ from anomaly_models.config import load_params  # noqa: E402
 from anomaly_models.data import MVTecAD, default_data_root  # noqa: E402
 from anomaly_models.evaluation import evaluate, predict_dataset  # noqa: E402
 from anomaly_models.training import EpochCheckpoint, seed_everything  # noqa: E402
+from entry import run  # noqa: E402  (bench/entry.py)
 
 # Reported MVTec AD means over all 15 categories (image AUROC, pixel AUROC); AUPRO not reported.
 PAPERS = {
@@ -207,4 +208,4 @@ def _cell(value, width: int, spec: str = ".4f") -> str:
     return f"{value:>{width}{spec}}" if isinstance(value, float) else f"{'-':>{width}}"
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -552,3 +552,15 @@ def test_an_ingest_killed_midway_loses_nothing_and_the_next_one_finishes(where, 
     if where == "read":
         assert "image reader crashed" in reasons["poison.png"] and list(quarantined) == ["poison.png"]
     assert report.version and report.version == data_version(ws.root, ws.dataset)  # moved and versioned
+
+
+@pytest.mark.parametrize("bench", ["memae", "msc", "patchcore", "predict", "ssae"])
+def test_a_bench_with_a_wrong_data_root_says_so_in_one_line(bench, tmp_path):
+    missing = tmp_path / "no-data-here"
+    done = subprocess.run([sys.executable, str(REPO / "bench" / f"{bench}.py"), "--data-root", str(missing)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() + done.stdout.splitlines()
+              if str(missing) in line and ("error" in line or "FAILED" in line)]
+    assert errors, done.stdout[-2000:] + done.stderr[-2000:]

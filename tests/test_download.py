@@ -373,3 +373,25 @@ def test_builtin_table_is_complete():
     assert SOURCES["mvtec"][None].sha256 == "cf4313b13603bec67abb49ca959488f7eedce2a9f7795ec54446c649ac98cd3d"
     for category in MVTEC_CATEGORIES:  # no published checksum: must say so, not guess one
         assert SOURCES["mvtec"][category].sha256 is None and SOURCES["mvtec"][category].md5 is None
+
+
+def test_offline_without_a_local_copy_says_where_the_data_was_looked_for(server, tmp_path, monkeypatch):
+    """What a fresh clone without ../shared/data meets offline: the failed download, and the
+    setting that would have read a local copy instead."""
+    from dataclasses import replace
+
+    from anomaly_models.config import load_params
+    from anomaly_models.data.download import materialise_dataset
+
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    monkeypatch.setenv("ANOMALY_DATA_DIR", str(empty))
+    bottle = SOURCES["mvtec"]["bottle"]
+    monkeypatch.setitem(SOURCES["mvtec"], "bottle", replace(bottle, urls=(f"{server.url}/gone.tar.xz",)))
+    data = replace(load_params(Path(__file__).resolve().parents[1] / "params.yaml").data, root=None)
+    with pytest.raises(DownloadError) as info:
+        materialise_dataset(data, tmp_path / "project-data")
+    message = str(info.value)
+    assert f"{server.url}/gone.tar.xz" in message and "404" in message
+    assert str(empty / "mvtec_ad" / "bottle") in message and "ANOMALY_DATA_DIR" in message
+    assert not (tmp_path / "project-data").exists() or not any((tmp_path / "project-data").rglob("*.png"))

@@ -393,18 +393,25 @@ def materialise_dataset(config, target: str | os.PathLike) -> Path:
     $ANOMALY_DATA_DIR, ../shared/data) when that holds the data, else fetched from the official
     source. A folder already there is kept as it is: it may hold images added by retraining.
     """
-    from anomaly_models.data import data_root
+    from anomaly_models.data import DATA_DIR_ENV, data_root
 
     target, kind = Path(target), config.kind
     if kind.is_present(target, config):
         return target
     try:
         source = data_root(config)
-    except DataError:  # no data directory on this machine: the official download is the source
-        source = None
+        looked = f"not in {source / kind.subject_folder(config)}"
+    except DataError as error:  # no data directory on this machine: the official download is the source
+        source, looked = None, str(error)
     sub = kind.subject_folder(config)
     if source is not None and source.resolve() != target.resolve() and kind.is_present(source, config):
         copy_dataset(source / sub, target / sub)
-    else:
+        return target
+    try:
         kind.fetch(target, config)
+    except DownloadError as error:  # offline: say where a local copy would have been read from
+        raise DownloadError(
+            f"{error}; and no local copy ({looked}): set data.root or {DATA_DIR_ENV} to the folder "
+            f"that holds the data (the bundled one: ../shared/data)"
+        ) from None
     return target
