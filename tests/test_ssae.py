@@ -21,7 +21,7 @@ from anomaly_models.ssae.model import batch_generator, position_grid, random_cro
 from anomaly_models.ssae.visual import save_visual_check
 from anomaly_models.transforms import Preprocessing
 
-KINDS = ("patch", "texture", "color", "elastic", "solid")
+KINDS = ("patch", "texture", "color", "elastic", "solid", "blur")
 TINY = {"base_channels": 8, "dilation_rates": [1, 2, 4, 8]}
 
 
@@ -252,3 +252,35 @@ def test_position_channels_give_crops_the_coordinates_they_were_cut_from(tmp_pat
     assert loaded.config.position_channels and loaded.network.stem[0].in_channels == 5
     scores2, maps2 = loaded.predict(images)
     assert torch.equal(scores, scores2) and torch.equal(maps, maps2)
+
+
+def test_blur_fills_keep_the_colours_and_lose_the_detail(bottle_batch):
+    only_blur = {f"{k}_weight": float(k == "blur") for k in KINDS}
+    model = build_model("ssae", config={"corruption": {"probability": 1.0, "opacity": [1.0, 1.0],
+                                                       "blur_sigma": [0.05, 0.05], **only_blur}})
+    corrupted, mask = model.corruption()(bottle_batch, batch_generator(0, 0, 2))
+    inside = mask.unsqueeze(1).expand_as(bottle_batch)
+    assert (corrupted[inside].mean() - bottle_batch[inside].mean()).abs() < 0.05  # same colours
+    detail = lambda x: (x[..., 1:, :] - x[..., :-1, :]).abs()  # vertical gradient magnitude
+    inner = mask[:, 1:, :] & mask[:, :-1, :]
+    inner = inner.unsqueeze(1).expand(-1, 3, -1, -1)
+    assert detail(corrupted)[inner].mean() < 0.5 * detail(bottle_batch)[inner].mean()
+
+
+def test_soft_edges_fade_the_fill_into_the_image(bottle_batch):
+    only_solid = {f"{k}_weight": float(k == "solid") for k in KINDS}
+    config = {"probability": 1.0, "opacity": [1.0, 1.0], "max_regions": 1, "region_size": [0.4, 0.5],
+              **only_solid}
+    # A fade over 0.1 % of the radius is a hard edge drawn from the same random stream.
+    hard = build_model("ssae", config={"corruption": {**config, "edge_softness": [1e-3, 1e-3]}}).corruption()
+    soft = build_model("ssae", config={"corruption": {**config, "edge_softness": [0.5, 0.5]}}).corruption()
+    hard_out, hard_mask = hard(bottle_batch, batch_generator(0, 0, 3))
+    soft_out, soft_mask = soft(bottle_batch, batch_generator(0, 0, 3))
+    assert torch.equal(soft_mask, hard_mask)  # same regions: the fade lies inside the blob
+    weight = lambda out: ((out - bottle_batch).abs().amax(dim=1))
+    full = weight(hard_out)[hard_mask]
+    partial = weight(soft_out)[soft_mask] / full.clamp_min(1e-6)
+    assert (partial <= 1 + 1e-4).all() and (partial < 0.5).float().mean() > 0.2  # a real fade
+    assert (partial > 0.999).any()  # still opaque at the centre
+    with pytest.raises(ConfigError, match=r"model.ssae.corruption.edge_softness: expected \[min, max\]"):
+        build_model("ssae", config={"corruption": {"edge_softness": [0.5, 0.2]}})

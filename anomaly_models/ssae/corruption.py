@@ -10,7 +10,9 @@ size, aspect and angle whose boundary is bent by smooth noise). A region is fill
 - color:   the original content under a random per-channel gain and offset;
 - elastic: the original content warped by a small smooth random displacement field;
 - solid:   a flat grey near black or near white (dark holes and bright glare, as large broken or
-           missing parts look: a repair must replace them, not reproduce them).
+           missing parts look: a repair must replace them, not reproduce them);
+- blur:    the original content under a strong Gaussian blur (broken or bent parts out of the
+           focal plane: the right colours without the part's fine structure).
 
 The fill is blended in with a random opacity, so defects range from faint to opaque. Pixels
 outside the regions are never written, so they stay bit-identical; the returned mask marks
@@ -27,10 +29,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
 
 from anomaly_models.errors import ConfigError
 
-KINDS = ("patch", "texture", "color", "elastic", "solid")
+KINDS = ("patch", "texture", "color", "elastic", "solid", "blur")
 TEXTURES = ("noise", "stripes", "blobs")
 
 
@@ -44,12 +47,17 @@ class CorruptionConfig:
     aspect_ratio: float = 3.0  # region sides differ by at most this factor
     boundary_roughness: float = 0.35  # how far smooth noise bends the blob boundary (0: ellipse)
     opacity: tuple[float, ...] = (0.6, 1.0)  # (min, max) weight of the fill against the original
+    # (min, max) width of the fade from the fill to the original at a region's boundary, fraction
+    # of the region's radius: soft edges, as real defects blend into their surroundings, so that
+    # the boundary alone does not give a corruption away. (0, 0): hard edges.
+    edge_softness: tuple[float, ...] = (0.0, 0.0)
     # Relative frequency of each kind of fill.
     patch_weight: float = 1.0
     texture_weight: float = 1.0
     color_weight: float = 1.0
     elastic_weight: float = 1.0
     solid_weight: float = 1.0
+    blur_weight: float = 0.0
     shifted_copy_probability: float = 0.5  # patch fills taken from the image itself (vs another one)
     texture_octaves: int = 4  # octaves of the Perlin-like value noise
     stripe_cycles: tuple[float, ...] = (2.0, 8.0)  # (min, max) stripe periods across a region
@@ -57,6 +65,7 @@ class CorruptionConfig:
     elastic_magnitude: float = 0.03  # std of elastic displacements, fraction of image side
     elastic_grid: int = 4  # control points per side of the random displacement field
     solid_range: float = 0.25  # solid fills: grey within this fraction of the range from black or white
+    blur_sigma: tuple[float, ...] = (0.01, 0.04)  # (min, max) blur std, fraction of the image side
     # Std of whole-image Gaussian noise added to input AND target during training, in units of
     # the normalised image (0 turns it off; the follow-up paper's identity anchor).
     gaussian_noise_std: float = 0.0
@@ -73,10 +82,10 @@ class CorruptionConfig:
               "[min, max] with 0 < min <= max <= 1")
         check(self.aspect_ratio >= 1.0, "aspect_ratio", "a number >= 1")
         check(0.0 <= self.boundary_roughness < 1.0, "boundary_roughness", "a number in [0, 1)")
+        check(_is_range(self.edge_softness, 0.0, 1.0), "edge_softness", "[min, max] with 0 <= min <= max <= 1")
         check(_is_range(self.opacity, 0.0, 1.0) and self.opacity[1] > 0, "opacity",
               "[min, max] with 0 <= min <= max <= 1 and max > 0")
-        weights = (self.patch_weight, self.texture_weight, self.color_weight, self.elastic_weight,
-                   self.solid_weight)
+        weights = tuple(self.kind_weights.tolist())
         check(min(weights) >= 0 and sum(weights) > 0, "patch_weight",
               "non-negative *_weight values, not all zero")
         check(0.0 <= self.shifted_copy_probability <= 1.0, "shifted_copy_probability", "a number in [0, 1]")
@@ -87,12 +96,13 @@ class CorruptionConfig:
         check(self.elastic_magnitude >= 0, "elastic_magnitude", "a number >= 0")
         check(self.elastic_grid >= 2, "elastic_grid", "an integer >= 2")
         check(0.0 <= self.solid_range <= 1.0, "solid_range", "a number in [0, 1]")
+        check(_is_range(self.blur_sigma, 0.0, 1.0) and self.blur_sigma[0] > 0, "blur_sigma",
+              "[min, max] with 0 < min <= max <= 1")
         check(self.gaussian_noise_std >= 0, "gaussian_noise_std", "a number >= 0")
 
     @property
     def kind_weights(self) -> torch.Tensor:
-        return torch.tensor([self.patch_weight, self.texture_weight, self.color_weight, self.elastic_weight,
-                             self.solid_weight])
+        return torch.tensor([getattr(self, f"{kind}_weight") for kind in KINDS])
 
 
 def _is_range(values: tuple[float, ...], low: float, high: float) -> bool:
@@ -137,7 +147,7 @@ class Corruption:
         w = max(1, min(width, round(side / aspect)))
         y0 = int(torch.randint(0, height - h + 1, (1,), generator=g))
         x0 = int(torch.randint(0, width - w + 1, (1,), generator=g))
-        shape = self._blob(h, w, g).to(images.device)
+        shape = self._blob(h, w, g).to(images.device, images.dtype)
         kind = KINDS[int(torch.multinomial(c.kind_weights, 1, generator=g))]
         box = (slice(y0, y0 + h), slice(x0, x0 + w))
         original = out[b, :, box[0], box[1]]
@@ -149,22 +159,30 @@ class Corruption:
             fill = self._color(original, g)
         elif kind == "solid":
             fill = self._solid(g).to(images.device).expand_as(original)
+        elif kind == "blur":
+            fill = self._blur(out[b], box, g)
         else:
             fill = self._elastic(out[b], box, g)
-        alpha = _uniform(g, *c.opacity)
-        blended = (1 - alpha) * original + alpha * fill.to(original.dtype)
-        out[b, :, box[0], box[1]] = torch.where(shape, blended, original)
+        alpha = _uniform(g, *c.opacity) * shape
+        out[b, :, box[0], box[1]] = (1 - alpha) * original + alpha * fill.to(original.dtype)
 
     def _blob(self, h: int, w: int, g: torch.Generator) -> torch.Tensor:
-        """(h, w) bool: a rotated ellipse filling the box, its radius bent by smooth noise."""
+        """(h, w) weights in [0, 1]: a rotated ellipse filling the box, its radius bent by smooth
+        noise; 1 inside, 0 outside, fading over the last `edge_softness` of the radius."""
         ys = torch.linspace(-1, 1, h).view(-1, 1)
         xs = torch.linspace(-1, 1, w).view(1, -1)
         angle = _uniform(g, 0, math.pi)
         u = xs * math.cos(angle) + ys * math.sin(angle)
         v = -xs * math.sin(angle) + ys * math.cos(angle)
         radius = 1 + self.config.boundary_roughness * (2 * _value_noise(h, w, 2, 1, g) - 1)
-        blob = u.pow(2) + v.pow(2) <= radius.pow(2)
-        blob[h // 2, w // 2] = True  # never empty, even for a one-pixel region
+        distance = (u.pow(2) + v.pow(2)).sqrt()
+        low, high = self.config.edge_softness
+        if high > 0:
+            softness = max(_uniform(g, low, high), 1e-6)
+            blob = ((radius - distance) / (softness * radius)).clamp(0, 1)
+        else:
+            blob = (distance <= radius).float()
+        blob[h // 2, w // 2] = 1.0  # never empty, even for a one-pixel region
         return blob
 
     def _patch(self, images: torch.Tensor, b: int, h: int, w: int, g: torch.Generator) -> torch.Tensor:
@@ -214,6 +232,14 @@ class Corruption:
         if _uniform(g) < 0.5:
             level = 1 - level
         return self.low + (self.high - self.low) * level
+
+    def _blur(self, image: torch.Tensor, box: tuple[slice, slice], g: torch.Generator) -> torch.Tensor:
+        """The box of `image` after a Gaussian blur of random std (image border: reflected)."""
+        _, height, width = image.shape
+        sigma = max(_uniform(g, *self.config.blur_sigma) * min(height, width), 0.5)
+        size = min(2 * math.ceil(3 * sigma) + 1, 2 * (min(height, width) // 2) - 1)
+        blurred = TF.gaussian_blur(image.unsqueeze(0).float(), [size, size], [sigma, sigma])[0]
+        return blurred[:, box[0], box[1]].to(image.dtype)
 
     def _elastic(self, image: torch.Tensor, box: tuple[slice, slice], g: torch.Generator) -> torch.Tensor:
         """The box of `image` sampled through a smooth random displacement field (border: replicate)."""
