@@ -17,7 +17,7 @@ normal class's held-out 10 % against the held-out 10 % of every other class (ima
 row trained on), so that variants are compared without reading the test split.
 
     nice -n 10 python bench/memae.py [--sections mnist cifar10 ped2 mvtec] [--device auto]
-        [--mnist-epochs N] [--cifar-epochs N] [--ped2-size 64] [--ped2-epochs 3]
+        [--mnist-epochs N] [--cifar-epochs N] [--seed S] [--ped2-size 64] [--ped2-epochs 3]
         [--mvtec-epochs 15] [--threads 1] [--out f.json]
 """
 
@@ -107,7 +107,8 @@ def one_class(args, name: str, classes: tuple[str, ...]) -> dict:
     pre = Preprocessing(size, None, (0.5,) * channels, (0.5,) * channels, "L" if gray else "RGB")
     epochs = (args.mnist_epochs if gray else args.cifar_epochs) or params.train.epochs
     t = params.train
-    train = dict(epochs=epochs, batch_size=t.batch_size, lr=t.lr, seed=t.seed, device=args.device)
+    seed = t.seed if args.seed is None else args.seed
+    train = dict(epochs=epochs, batch_size=t.batch_size, lr=t.lr, seed=seed, device=args.device)
     print(f"\n== one-class {name}: {size} px, profile memae_{name}: memae {net}, train {train}", flush=True)
     root = args.data_root / name
     dataset_class = OneClassImageFolder if gray else OneClassCIFAR10
@@ -135,7 +136,7 @@ def ped2(args) -> dict:
     pre = video_preprocessing(args.ped2_size)
     train_set = VideoFrameDataset(root, "train", pre, stride=args.ped2_train_stride, val_fraction=0.0)
     test_set = VideoFrameDataset(root, "test", pre, stride=args.ped2_test_stride)
-    train = dict(epochs=args.ped2_epochs, batch_size=args.ped2_batch, lr=args.lr, seed=args.seed,
+    train = dict(epochs=args.ped2_epochs, batch_size=args.ped2_batch, lr=args.lr, seed=args.seed or 0,
                  device=args.device)
     print(f"\n== UCSD Ped2: {args.ped2_size} px (official 256), 16-frame clips, train stride "
           f"{args.ped2_train_stride} ({len(train_set)} clips of 6 videos), test stride "
@@ -161,7 +162,7 @@ def ped2(args) -> dict:
 
 def mvtec(args) -> dict:
     root = args.data_root / "mvtec_ad"
-    train = dict(epochs=args.mvtec_epochs, batch_size=16, lr=args.lr, seed=args.seed, device=args.device)
+    train = dict(epochs=args.mvtec_epochs, batch_size=16, lr=args.lr, seed=args.seed or 0, device=args.device)
     net = dict(smoothing_sigma=args.mvtec_size / 64)  # params.yaml: sigma 2 at 128 px
     print(f"\n== MVTec bottle: {args.mvtec_size} px, ae defaults + {net}, memae N=500, train {train}",
           flush=True)
@@ -218,7 +219,7 @@ def main() -> None:
     parser.add_argument("--mnist-classes", nargs="+", default=list(MNIST_CLASSES))
     parser.add_argument("--cifar-classes", nargs="+", default=list(CIFAR_CLASSES))
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, help="training seed (default: the profile's train.seed; 0 for ped2 and mvtec)")
     parser.add_argument("--lr", type=float, default=1e-3, help="ped2 and mvtec (paper: 1e-4 with far more steps)")
     parser.add_argument("--mnist-epochs", type=int, help="default: the memae_mnist profile's")
     parser.add_argument("--cifar-epochs", type=int, help="default: the memae_cifar10 profile's")
