@@ -398,12 +398,12 @@ def materialise_dataset(config, target: str | os.PathLike) -> Path:
     target, kind = Path(target), config.kind
     if kind.is_present(target, config):
         return target
+    sub = kind.subject_folder(config)
     try:
         source = data_root(config)
-        looked = f"not in {source / kind.subject_folder(config)}"
+        looked = f"not in {source / sub}"
     except DataError as error:  # no data directory on this machine: the official download is the source
         source, looked = None, str(error)
-    sub = kind.subject_folder(config)
     if source is not None and source.resolve() != target.resolve() and kind.is_present(source, config):
         copy_dataset(source / sub, target / sub)
         return target
