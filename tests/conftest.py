@@ -24,6 +24,20 @@ from PIL import Image
 from anomaly_models.data import default_data_root
 
 
+def pytest_configure(config):
+    """The suite reads the bundled data (../shared/data or $ANOMALY_DATA_DIR): without it, one
+    line saying where to point it, not an error in every test that needs it."""
+    from anomaly_models.errors import DataError
+
+    try:
+        root = default_data_root("mvtec").parent
+    except DataError as error:
+        raise pytest.UsageError(f"the tests need the bundled data: {error}") from None
+    if not (root / "mvtec_ad" / "bottle").is_dir():
+        raise pytest.UsageError(f"the tests need the bundled data: no mvtec_ad/bottle in {root} "
+                                f"(set ANOMALY_DATA_DIR to the folder holding mvtec_ad/, cifar10/, mnist/)")
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_torch_thread():
     """Tiny test models run faster on one thread, and tests don't fight each other for cores; for
