@@ -9,11 +9,13 @@ Settings come from params.yaml: `--profile ssae` (default) lays the profile over
 method's section (model.<method>) is its config, the profile's train: section the budget; flags
 override. SSAE trains on random `train_crop_size` crops and scores whole `image_size` images.
 With --save-dir each epoch is checkpointed to <save-dir>/<method>.pt.partial and a killed run
-resumes from it.
+resumes from it; --rescore then scores the finished <save-dir>/ssae.pt again with other scoring
+settings (--residual, --map-normalization: how reconstructions become maps), without training.
 
     nice -n 10 python bench/ssae.py [--profile ssae] [--category bottle] [--image-size 256]
         [--crop-size 128] [--epochs N] [--methods ssae patchcore ae] [--threads 1]
-        [--save-dir bench/results/ssae] [--json f.json] [--visual grid.png]
+        [--save-dir bench/results/ssae [--rescore]] [--residual pixel|features]
+        [--map-normalization none|standardise] [--json f.json] [--visual grid.png]
 """
 
 from __future__ import annotations
@@ -24,20 +26,24 @@ import json
 import logging
 import sys
 import time
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing the package
 
-from anomaly_models import build_model  # noqa: E402
-from anomaly_models.config import load_params  # noqa: E402
+from anomaly_models import build_model, load_model  # noqa: E402
+from anomaly_models.config import from_dict, load_params, to_dict  # noqa: E402
 from anomaly_models.data import MVTecAD, default_data_root  # noqa: E402
-from anomaly_models.evaluation import evaluate, predict_dataset  # noqa: E402
-from anomaly_models.training import EpochCheckpoint, seed_everything  # noqa: E402
+from anomaly_models.errors import ConfigError, DataError  # noqa: E402
+from anomaly_models.evaluation import Predictions, evaluate, predict_dataset  # noqa: E402
+from anomaly_models.training import EpochCheckpoint, resolve_device, seed_everything  # noqa: E402
 from entry import run  # noqa: E402  (bench/entry.py)
+from selection import synthetic_defects  # noqa: E402  (bench/selection.py)
 
 # Reported MVTec AD means over all 15 categories (image AUROC, pixel AUROC); AUPRO not reported.
 PAPERS = {
@@ -45,7 +51,11 @@ PAPERS = {
     "paper 2511.07233 (MVTec mean)": (0.999, 0.994),
 }
 TARGET = (0.99, 0.984)  # issue 19: image AUROC, pixel AUROC at 256 px within 2 hours on 2 cores
+SELECTION_SOURCES = 100  # foreign images the selection set's synthetic defects are filled from
 REFERENCE_SIZE = 256  # the anomaly-map smoothing sigma is given at this size and scaled with it
+# What --rescore may change on a trained model: how its reconstructions are turned into scores.
+SCORING_KEYS = ("smoothing_sigma", "score_reduction", "top_k", "residual", "residual_backbone", "residual_layers",
+                "map_normalization", "normalization_std_sigma", "normalization_std_floor")
 
 
 def train_and_score(name: str, config: dict, args: argparse.Namespace, root: Path) -> dict:
@@ -69,7 +79,10 @@ def train_and_score(name: str, config: dict, args: argparse.Namespace, root: Pat
                               generator=generator, drop_last=len(datasets["train"]) > args.batch_size)
     val_loader = DataLoader(datasets["val"], batch_size=args.batch_size)
     started, cpu_started = time.perf_counter(), time.process_time()
-    if args.score_partial and name != "patchcore":  # an unfinished run, scored as it stands
+    if args.rescore and name != "patchcore":  # a finished run, scored with this run's scoring settings
+        model = rescored(name, config, args.save_dir / f"{name}.pt", datasets["val"], args.batch_size)
+        history, resumed = model.history, 0
+    elif args.score_partial and name != "patchcore":  # an unfinished run, scored as it stands
         done, history = model.epoch_checkpoint.restore({"module": model.network})
         if not done:
             raise RuntimeError(f"no checkpoint of these settings in {model.epoch_checkpoint.path}")
@@ -81,16 +94,19 @@ def train_and_score(name: str, config: dict, args: argparse.Namespace, root: Pat
     fit_cpu_seconds = time.process_time() - cpu_started
     started = time.perf_counter()
     metrics = evaluate(predict_dataset(model, datasets["test"], args.batch_size, args.device))
-    if args.save_dir and not args.score_partial:
+    chosen_on = selection_metrics(model, datasets["val"], args)
+    if args.save_dir and not (args.score_partial or args.rescore):
         model.save(args.save_dir / f"{name}.pt")
     epoch_seconds = [h["seconds"] for h in history if "seconds" in h]
     result = {
         **{k: metrics.get(k) for k in ("image_auroc", "pixel_auroc", "aupro", "f1_max")},
+        "selection_image_auroc": chosen_on["image_auroc"],
+        "selection_pixel_auroc": chosen_on["pixel_auroc"],
         "seconds_per_epoch": sum(epoch_seconds) / len(epoch_seconds) if epoch_seconds else None,
         "fit_seconds": fit_seconds,
         # CPU time of this process; a resumed run ran only len(history) - resumed epochs here, so its
         # total is this part's CPU time per epoch times all epochs (an estimate, flagged).
-        "fit_cpu_minutes": None if args.score_partial
+        "fit_cpu_minutes": None if args.score_partial or args.rescore
         else fit_cpu_seconds / 60 * len(history) / max(len(history) - resumed, 1),
         "epochs_trained": len(history),
         "epochs_resumed": resumed,
@@ -110,6 +126,42 @@ def train_and_score(name: str, config: dict, args: argparse.Namespace, root: Pat
         save_visual_check(model, torch.stack([s.image for s in batch]), args.visual,
                           torch.stack([s.mask for s in batch]))
     return result
+
+
+def rescored(name: str, config: dict, path: Path, normal: MVTecAD, batch_size: int):
+    """The model saved at `path` with the scoring settings of `config` (training settings must match:
+    only what happens after the reconstruction changes), its map statistics fitted on `normal`."""
+    model = load_model(path)
+    wanted = from_dict(type(model.config), config, f"model.{name}")
+    scoring = {f.name: getattr(wanted, f.name) for f in fields(wanted) if f.name in SCORING_KEYS}
+    if replace(wanted, **{k: getattr(model.config, k) for k in scoring}) != model.config:
+        raise ConfigError(f"{path} was trained with other settings than model.{name} says; --rescore "
+                          f"changes only {', '.join(SCORING_KEYS)}")
+    model = type(model).from_checkpoint({**torch.load(path, map_location="cpu", weights_only=True),
+                                         "config": to_dict(wanted)})
+    if hasattr(model, "calibrate"):
+        model.calibrate(DataLoader(normal, batch_size=batch_size))
+    return model
+
+
+def selection_metrics(model, normal: MVTecAD, args: argparse.Namespace) -> dict:
+    """Image and pixel AUROC on the selection set: the held-out normal images and copies of them
+    with synthetic defects filled from another dataset (bench/selection.py), for choosing settings
+    without the test split."""
+    files = sorted(args.selection_source.glob("*/*.png"))
+    if not files:
+        raise DataError(f"--selection-source {args.selection_source}: no <class>/*.png images (CIFAR-10 layout)")
+    files = files[:: max(1, len(files) // SELECTION_SOURCES)][:SELECTION_SOURCES]
+    sources = []
+    for path in files:
+        with Image.open(path) as image:
+            sources.append(model.preprocessing(image.convert("RGB"))[0])
+    images, masks, labels = synthetic_defects(torch.stack([s.image for s in normal]), torch.stack(sources), args.seed)
+    model.to(resolve_device(args.device))
+    scores, maps = zip(*(model.predict(images[i:i + args.batch_size]) for i in range(0, len(images), args.batch_size)))
+    model.to("cpu")
+    return evaluate(Predictions(torch.cat(scores).numpy(), labels.numpy(), torch.cat(maps).float().numpy(),
+                                masks.numpy().astype(bool), [""] * len(labels), [""] * len(labels)))
 
 
 def saved_epochs(checkpoint: EpochCheckpoint) -> int:
@@ -142,6 +194,13 @@ def main() -> None:
     parser.add_argument("--json", help="write the results as JSON here (after each method)")
     parser.add_argument("--save-dir", type=Path, help="save each trained model here as <method>.pt "
                         "(and checkpoint every epoch, so a killed run resumes)")
+    parser.add_argument("--selection-source", type=Path, help="images whose content fills the selection "
+                        "set's synthetic defects (default: CIFAR-10 train/ beside the data)")
+    parser.add_argument("--rescore", action="store_true", help="with --save-dir: do not train, score the "
+                        "finished <method>.pt with the scoring settings given now (residual, map_normalization, ...)")
+    parser.add_argument("--residual", choices=["pixel", "features"], help="ssae: model.ssae.residual")
+    parser.add_argument("--map-normalization", choices=["none", "standardise"],
+                        help="ssae: model.ssae.map_normalization")
     parser.add_argument("--score-partial", action="store_true", help="with --save-dir: do not train, score "
                         "the unfinished run in <method>.pt.partial after the epochs it has done")
     args = parser.parse_args()
@@ -153,16 +212,21 @@ def main() -> None:
         if getattr(args, key) is None:
             setattr(args, key, getattr(params.train, key))
     args.image_size = args.image_size or params.model.image_size or REFERENCE_SIZE
-    if args.score_partial and not args.save_dir:
-        parser.error("--score-partial needs --save-dir")
+    if (args.score_partial or args.rescore) and not args.save_dir:
+        parser.error("--score-partial and --rescore need --save-dir")
     if args.save_dir:
         args.save_dir.mkdir(parents=True, exist_ok=True)
     root = args.data_root or default_data_root("mvtec")
+    args.selection_source = args.selection_source or default_data_root("cifar10") / "train"
     sigma = 4.0 * args.image_size / REFERENCE_SIZE
     configs = {name: {**params.model.options.get(name, {}), "smoothing_sigma": sigma}
                for name in ("ssae", "ae", "patchcore")}
     if args.crop_size is not None:
         configs["ssae"]["train_crop_size"] = args.crop_size
+    if args.residual:
+        configs["ssae"]["residual"] = args.residual
+    if args.map_normalization:
+        configs["ssae"]["map_normalization"] = args.map_normalization
     methods = [m for m in args.methods if m != "patchcore" or importlib.util.find_spec("anomaly_models.patchcore")]
     print(f"settings: {args.params} profile={args.profile} category={args.category} image_size={args.image_size} "
           f"epochs={args.epochs} batch_size={args.batch_size} lr={args.lr} weight_decay={args.weight_decay} "
@@ -181,17 +245,20 @@ def main() -> None:
             continue
         r = results[name]
         print(f"  done in {r['fit_seconds']:.0f} s fit + {r['predict_seconds']:.0f} s test: "
-              f"image AUROC {r['image_auroc']:.4f}, pixel AUROC {r['pixel_auroc']:.4f}, AUPRO {r['aupro']:.4f}",
+              f"image AUROC {r['image_auroc']:.4f}, pixel AUROC {r['pixel_auroc']:.4f}, AUPRO {r['aupro']:.4f}; "
+              f"selection image {r['selection_image_auroc']:.4f}, pixel {r['selection_pixel_auroc']:.4f}",
               flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps({"settings": vars(args) | {"data_root": str(root)},
                                                    "results": results}, indent=2, default=str) + "\n")
 
-    print(f"\n{'':32} {'image AUROC':>11} {'pixel AUROC':>11} {'AUPRO':>7} {'F1-max':>7} {'s/epoch':>8} {'CPU-min':>8}")
+    print(f"\n{'':32} {'image AUROC':>11} {'pixel AUROC':>11} {'AUPRO':>7} {'F1-max':>7} {'s/epoch':>8} "
+          f"{'CPU-min':>8}   selection image / pixel (synthetic defects, held-out normals)")
     for name, r in results.items():
         cells = [_cell(r[k], w) for k, w in (("image_auroc", 11), ("pixel_auroc", 11), ("aupro", 7), ("f1_max", 7))]
         cpu = _cell(r["fit_cpu_minutes"], 8, ".1f") + ("~" if r["epochs_resumed"] else "")
-        print(f"{name:32} {' '.join(cells)} {_cell(r['seconds_per_epoch'], 8, '.1f')} {cpu}")
+        chosen = f"{r['selection_image_auroc']:.4f} / {r['selection_pixel_auroc']:.4f}"
+        print(f"{name:32} {' '.join(cells)} {_cell(r['seconds_per_epoch'], 8, '.1f')} {cpu}   {chosen}")
     for name, (image, pixel) in PAPERS.items():
         print(f"{name:32} {image:>11.3f} {pixel:>11.3f} {'-':>7} {'-':>7} {'-':>8} {'GPU':>8}")
     print(f"{'target (issue 19, 256 px, 2 h)':32} {TARGET[0]:>11.3f} {TARGET[1]:>11.3f}")

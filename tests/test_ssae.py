@@ -284,3 +284,93 @@ def test_soft_edges_fade_the_fill_into_the_image(bottle_batch):
     assert (partial > 0.999).any()  # still opaque at the centre
     with pytest.raises(ConfigError, match=r"model.ssae.corruption.edge_softness: expected \[min, max\]"):
         build_model("ssae", config={"corruption": {"edge_softness": [0.5, 0.2]}})
+
+
+def test_feature_residual_is_zero_for_a_perfect_reconstruction_and_peaks_where_a_part_differs(bottle_batch):
+    model = build_model("ssae", config={**TINY, "residual": "features", "smoothing_sigma": 0.0},
+                        preprocessing={"image_size": 64})
+    scorer = model.scorer()
+    images = bottle_batch[:2]
+    assert scorer.residual(images, images).abs().max() < 1e-5
+    changed = images.clone()
+    changed[:, :, 16:40, 16:40] = changed[:, :, 16:40, 16:40].flip(-1).flip(-2) * 0.2  # a dark foreign patch
+    maps = scorer.residual(images, changed)
+    assert maps.shape == (2, 64, 64)
+    assert maps[:, 20:36, 20:36].mean() > 5 * maps[:, 48:, 48:].mean()
+
+
+def test_standardised_maps_are_fitted_on_normal_images_saved_and_checked(tmp_path):
+    config = {**TINY, "map_normalization": "standardise", "normalization_std_sigma": 1.0}
+    model = build_model("ssae", config=config, train={"epochs": 1, "batch_size": 8, "device": "cpu"},
+                        preprocessing={"image_size": 32})
+    normal = smooth_images(16, 32, 1)
+    model.fit(loader(smooth_images(16, 32, 0), batch_size=8), loader(normal, batch_size=8))
+    assert model.map_mean.shape == model.map_std.shape == (32, 32)
+    assert model.map_std.min() >= 0.1 * model.map_std.mean() - 1e-7  # the floor
+    raw = model.scorer().residual_maps(normal)
+    assert torch.allclose(model.map_mean, raw.mean(dim=0), atol=1e-6)
+    scores, maps = model.predict(normal)
+    assert torch.allclose(maps, (raw - model.map_mean) / model.map_std, atol=1e-5)
+    assert maps.mean(dim=0).abs().max() < 1e-4  # the normal images it was fitted on: zero mean per pixel
+
+    loaded = load_model(model.save(tmp_path / "ssae.pt"))
+    assert torch.equal(loaded.map_mean, model.map_mean)
+    assert torch.equal(loaded.predict(normal)[1], maps)
+    with pytest.raises(ConfigError, match=r"statistics are for \(32, 32\) px images, got \(64, 64\)"):
+        loaded.predict(smooth_images(1, 64, 2))
+
+    loaded.config = dataclasses.replace(loaded.config, map_normalization="none")
+    loaded.calibrate(loader(normal))  # re-scoring a saved model with other settings
+    assert loaded.map_mean is None and torch.equal(loaded.predict(normal)[1], raw)
+
+
+def test_checkpoints_without_map_statistics_still_load(tmp_path):
+    model = build_model("ssae", config=TINY, preprocessing={"image_size": 32})
+    path = model.save(tmp_path / "ssae.pt")
+    checkpoint = torch.load(path, weights_only=True)
+    for key in ("map_mean", "map_std"):
+        del checkpoint["state"][key]
+    torch.save(checkpoint, path)
+    images = smooth_images(2, 32, 0)
+    assert torch.equal(load_model(path).predict(images)[1], model.predict(images)[1])
+
+
+def test_scoring_settings_are_validated():
+    with pytest.raises(ConfigError, match="model.ssae.residual"):
+        build_model("ssae", config={"residual": "ssim"})
+    with pytest.raises(ConfigError, match="model.ssae.residual_layers"):
+        build_model("ssae", config={"residual_layers": ["layer9"]})
+    with pytest.raises(ConfigError, match="model.ssae.map_normalization"):
+        build_model("ssae", config={"map_normalization": "zscore"})
+
+
+def test_feature_residual_with_standardised_maps_exports_to_onnx(tmp_path, bottle_batch):
+    import onnxruntime
+
+    from anomaly_models.export import export_onnx
+
+    model = build_model("ssae", config={**TINY, "residual": "features", "map_normalization": "standardise"},
+                        train={"device": "cpu"}, preprocessing={"image_size": 64})
+    model.calibrate(DataLoader([Sample(image, 0, torch.zeros(64, 64), "x", "good") for image in bottle_batch],
+                               batch_size=4))
+    scores, maps = model.predict(bottle_batch[:1])
+    session = onnxruntime.InferenceSession(str(export_onnx(model, tmp_path / "ssae.onnx")))
+    onnx_scores, onnx_maps = session.run(None, {"images": bottle_batch[:1].numpy()})
+    assert np.abs(onnx_maps - maps.numpy()).max() < 1e-3 * maps.abs().max().item()
+    assert np.abs(onnx_scores - scores.numpy()).max() < 1e-3 * scores.abs().max().item()
+
+
+def test_repair_loss_adds_the_corrupted_pixels_error_with_its_weight():
+    from anomaly_models.ssae.model import repair_loss
+
+    targets = torch.zeros(2, 3, 8, 8)
+    outputs = targets.clone()
+    outputs[0, :, :2, :2] = 1.0  # wrong only inside the corrupted pixels
+    changed = torch.zeros(2, 8, 8, dtype=torch.bool)
+    changed[0, :2, :2] = True
+    plain = repair_loss(outputs, targets, changed, 0.0)
+    assert torch.isclose(plain, nn.functional.mse_loss(outputs, targets))
+    assert torch.isclose(repair_loss(outputs, targets, changed, 2.0), plain + 2.0)
+    assert torch.isclose(repair_loss(outputs, targets, torch.zeros_like(changed), 2.0), plain)
+    with pytest.raises(ConfigError, match="model.ssae.repair_weight"):
+        build_model("ssae", config={"repair_weight": -1})

@@ -22,7 +22,11 @@ did not move pixel AUROC at 25 epochs (README): blur fills and soft region edges
 corrupted, Gaussian noise off by default as its std is not known to us), the network layout (see
 `model.py`), plain L2 loss over all pixels, AdamW with a cosine schedule, training on random
 crops (`train_crop_size`, params.yaml 128 px of 256 px images) while scoring whole images, and
-the reading of "preserved" noise above.
+the reading of "preserved" noise above. Options of ours, off by default (README has their runs):
+`repair_weight` (an extra L2 term over the corrupted pixels only), `residual: features` (the map
+measures 1 - cosine similarity of pretrained ImageNet features of image and reconstruction
+instead of the pixel error) and `map_normalization: standardise` (each map pixel standardised by
+the held-out normal images' maps at that position, fitted at the end of `fit` or by `calibrate`).
 
 Input handling: images of any size are resized to `preprocessing.image_size` by the dataset
 (small ones are upsampled); a `crop_size` larger than `image_size` is a ConfigError, and so is an

@@ -174,7 +174,7 @@ class Corruption:
         angle = _uniform(g, 0, math.pi)
         u = xs * math.cos(angle) + ys * math.sin(angle)
         v = -xs * math.sin(angle) + ys * math.cos(angle)
-        radius = 1 + self.config.boundary_roughness * (2 * _value_noise(h, w, 2, 1, g) - 1)
+        radius = 1 + self.config.boundary_roughness * (2 * value_noise(h, w, 2, 1, g) - 1)
         distance = (u.pow(2) + v.pow(2)).sqrt()
         low, high = self.config.edge_softness
         if high > 0:
@@ -208,7 +208,7 @@ class Corruption:
             across = xs * math.cos(angle) + ys * math.sin(angle)
             pattern = 0.5 + 0.5 * torch.sin(2 * math.pi * across / period + phase)
         else:
-            pattern = _value_noise(h, w, 2, c.texture_octaves, g)
+            pattern = value_noise(h, w, 2, c.texture_octaves, g)
             if kind == "blobs":
                 pattern = (pattern > _uniform(g, 0.35, 0.65)).float()
         span = self.high - self.low
@@ -268,7 +268,7 @@ def _uniform(g: torch.Generator, low: float = 0.0, high: float = 1.0) -> float:
     return low + (high - low) * float(torch.rand((), generator=g))
 
 
-def _value_noise(h: int, w: int, cells: int, octaves: int, g: torch.Generator) -> torch.Tensor:
+def value_noise(h: int, w: int, cells: int, octaves: int, g: torch.Generator) -> torch.Tensor:
     """Perlin-like fractal value noise in [0, 1]: random grids of 2**o * cells, bicubic, summed."""
     total = torch.zeros(h, w)
     for octave in range(octaves):

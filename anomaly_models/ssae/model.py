@@ -27,17 +27,20 @@ Architecture choices that are ours (the papers publish no code):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from anomaly_models.ae import ReconstructionScorer
+from anomaly_models.backbones import STAGES, BackboneName, build_backbone
 from anomaly_models.base import AnomalyModel, check_divisible, register_model
 from anomaly_models.distributed import rank
 from anomaly_models.errors import ConfigError
-from anomaly_models.scoring import ScoreReduction
+from anomaly_models.scoring import (
+    FeatureResidual, ScoreReduction, gaussian_smooth, image_scores, map_statistics, standardise,
+)
 from anomaly_models.ssae.corruption import Corruption, CorruptionConfig, gaussian_noise
 from anomaly_models.training import resolve_device, run_epochs, seed_everything, seeded
 from anomaly_models.transforms import Preprocessing
@@ -59,6 +62,21 @@ class SSAEConfig:
     train_crop_size: int | None = None
     channels_last: bool = True  # NHWC memory format for training and scoring (faster CPU convolutions)
     position_channels: bool = False  # two extra input channels: the pixel's (y, x) in the whole image
+    # What the anomaly map measures between an image and its reconstruction: "pixel", the squared
+    # error averaged over channels (the papers'); "features", 1 - cosine similarity of the
+    # `residual_backbone`'s ImageNet features at `residual_layers` (ours, see scoring.FeatureResidual).
+    residual: Literal["pixel", "features"] = "pixel"
+    residual_backbone: BackboneName = "efficientnet_lite0"
+    residual_layers: tuple[str, ...] = ("layer2", "layer3")
+    # "standardise": each map pixel minus its mean, over its std, on the held-out normal images
+    # (ours; for aligned parts, where what is normal depends on where). "none": the smoothed residual.
+    map_normalization: Literal["none", "standardise"] = "none"
+    normalization_std_sigma: float = 8.0  # smoothing of the per-pixel std, in pixels
+    normalization_std_floor: float = 0.1  # the per-pixel std is kept above this fraction of its mean
+    # Loss = squared error over all pixels (the papers') + repair_weight x squared error over the
+    # corrupted pixels only. Corrupted pixels are ~10 % of a batch, so with 0 the loss is mostly
+    # the identity on clean pixels; > 0 (ours) asks harder for the repair.
+    repair_weight: float = 0.0
     corruption: CorruptionConfig = CorruptionConfig()
 
     def __post_init__(self):
@@ -71,6 +89,15 @@ class SSAEConfig:
         if not self.dilation_rates or min(self.dilation_rates) < 1:
             rates = list(self.dilation_rates)
             raise ConfigError(f"model.ssae.dilation_rates: expected rates >= 1, got {rates}")
+        unknown = [layer for layer in self.residual_layers if layer not in STAGES]
+        if not self.residual_layers or unknown:
+            raise ConfigError(f"model.ssae.residual_layers: expected some of {', '.join(STAGES)}, "
+                              f"got {list(self.residual_layers)}")
+        if self.repair_weight < 0:
+            raise ConfigError(f"model.ssae.repair_weight: expected >= 0, got {self.repair_weight}")
+        if self.normalization_std_sigma < 0 or not 0 < self.normalization_std_floor <= 1:
+            raise ConfigError("model.ssae.normalization_std_sigma/normalization_std_floor: need sigma >= 0 "
+                              "and 0 < floor <= 1")
         factor = 2**self.num_downsamples
         if self.train_crop_size is not None and (self.train_crop_size < factor or self.train_crop_size % factor):
             raise ConfigError(
@@ -162,17 +189,67 @@ class SSAENetwork(nn.Module):
         return self.head(x)
 
 
+class SSAEScorer(nn.Module):
+    """Export-ready scoring graph: images -> (image scores, anomaly maps).
+
+    The map is the residual between each image and its reconstruction (`residual` None: squared
+    pixel error averaged over channels; else a `FeatureResidual`), Gaussian-smoothed, and, when
+    `mean` / `std` are given, standardised per pixel; the image score reduces the final map.
+    """
+
+    def __init__(self, network: nn.Module, residual: FeatureResidual | None, sigma: float,
+                 reduction: ScoreReduction, top_k: int, mean: torch.Tensor | None = None,
+                 std: torch.Tensor | None = None):
+        super().__init__()
+        self.network, self.residual = network, residual
+        self.sigma, self.reduction, self.top_k = sigma, reduction, top_k
+        self.standardised = mean is not None
+        if self.standardised:
+            self.register_buffer("mean", mean)
+            self.register_buffer("std", std)
+
+    def residual_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, H, W) smoothed residual maps, before any standardisation."""
+        reconstructions = self.network(images)
+        if self.residual is None:
+            maps = (images - reconstructions).pow(2).mean(dim=1)
+        else:
+            maps = self.residual(images, reconstructions)
+        return gaussian_smooth(maps, self.sigma)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        maps = self.residual_maps(images)
+        if self.standardised:
+            maps = standardise(maps, self.mean, self.std)
+        return image_scores(maps, self.reduction, self.top_k), maps
+
+
 @register_model
 class SelfSupervisedAutoencoder(AnomalyModel):
     """SSAE: trained to repair corrupted normal images, scored by its reconstruction error."""
 
     name = "ssae"
     config_class = SSAEConfig
+    fitted_tensors = ("map_mean", "map_std")  # per-pixel map statistics (map_normalization), else None
 
     def __init__(self, config=None, train=None, preprocessing=None):
         super().__init__(config, train, preprocessing)
         with seeded(self.train_config.seed):
             self.network = SSAENetwork(self.preprocessing.channels, self.config)
+        self.map_mean: torch.Tensor | None = None
+        self.map_std: torch.Tensor | None = None
+        self.feature_residual = self._feature_residual() if self.config.residual == "features" else None
+
+    def _feature_residual(self) -> FeatureResidual:
+        """The pretrained backbone measuring residuals; its weights are the named ones, not saved."""
+        c = self.config
+        backbone = build_backbone(c.residual_backbone, "imagenet").eval().requires_grad_(False)
+        # Inputs are normalised with this model's mean/std; the backbone expects its own.
+        own_mean, own_std = torch.tensor(self.preprocessing.mean), torch.tensor(self.preprocessing.std)
+        mean, std = torch.tensor(backbone.spec.mean), torch.tensor(backbone.spec.std)
+        if len(own_mean) == 1:  # grayscale: the backbone sees three equal channels
+            mean, std = mean[:1], std[:1]
+        return FeatureResidual(backbone, c.residual_layers, own_std / std, (own_mean - mean) / std)
 
     @classmethod
     def default_preprocessing(cls, config: SSAEConfig) -> Preprocessing:
@@ -184,9 +261,41 @@ class SelfSupervisedAutoencoder(AnomalyModel):
         std = torch.tensor(self.preprocessing.std)
         return Corruption(self.config.corruption, (0 - mean) / std, (1 - mean) / std)
 
-    def scorer(self) -> ReconstructionScorer:
+    def scorer(self) -> SSAEScorer:
         c = self.config
-        return ReconstructionScorer(self.network, c.smoothing_sigma, c.score_reduction, c.top_k)
+        return SSAEScorer(self.network, self.feature_residual, c.smoothing_sigma, c.score_reduction, c.top_k,
+                          self.map_mean, self.map_std)
+
+    @torch.no_grad()
+    def calibrate(self, loader: DataLoader) -> None:
+        """Fit the per-pixel map statistics on normal images (map_normalization standardise; else
+        clear them). fit calls it with the held-out normal images; it also re-scores a model saved
+        with other scoring settings."""
+        c = self.config
+        self.map_mean = self.map_std = None
+        if c.map_normalization == "none":
+            return
+        scorer = self.scorer().to(self.device).eval()
+        maps = []
+        for batch in loader:
+            images = batch.image.to(self.device).contiguous(memory_format=self.input_memory_format)
+            self.check_input(images)
+            maps.append(scorer.residual_maps(images).float().cpu())
+        if not maps:
+            raise ConfigError("model.ssae.map_normalization standardise: no normal images to fit it on")
+        self.map_mean, self.map_std = map_statistics(
+            torch.cat(maps), c.normalization_std_sigma, c.normalization_std_floor
+        )
+
+    def load_state_dict(self, state: dict) -> None:
+        # Checkpoints from before map normalisation existed hold no map statistics: none were fitted.
+        super().load_state_dict({"map_mean": None, "map_std": None, **state})
+
+    def to(self, device):
+        super().to(device)
+        if self.feature_residual is not None:
+            self.feature_residual.to(device)
+        return self
 
     def fit(self, train_loader: DataLoader, val_loader: DataLoader | None = None) -> list[dict]:
         check_divisible(self.name, [self.preprocessing.output_size], self.config.num_downsamples)
@@ -222,7 +331,7 @@ class SelfSupervisedAutoencoder(AnomalyModel):
             if noise_std > 0:
                 noise = gaussian_noise(images, noise_std, generator)
                 corrupted, target = corrupted + noise, images + noise
-            loss = nn.functional.mse_loss(self.network(corrupted, coordinates), target)
+            loss = repair_loss(self.network(corrupted, coordinates), target, changed, self.config.repair_weight)
             return loss, {"corrupted_fraction": changed.float().mean().item()}
 
         def reset_validation(epoch: int, record: dict) -> None:
@@ -234,6 +343,7 @@ class SelfSupervisedAutoencoder(AnomalyModel):
             checkpoint=self.epoch_checkpoint, desc=self.name,
         )
         self.network.cpu().eval()
+        self.calibrate(val_loader if val_loader is not None and len(val_loader) else train_loader)
         return self.history
 
     @property
@@ -242,6 +352,12 @@ class SelfSupervisedAutoencoder(AnomalyModel):
 
     def check_input(self, images: torch.Tensor) -> None:
         check_divisible(self.name, images.shape[-2:], self.config.num_downsamples)
+        if self.map_mean is not None and tuple(images.shape[-2:]) != tuple(self.map_mean.shape):
+            raise ConfigError(
+                f"model.ssae.map_normalization standardise: the map statistics are for "
+                f"{tuple(self.map_mean.shape)} px images, got {tuple(images.shape[-2:])} "
+                "(score at preprocessing.image_size)"
+            )
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
@@ -255,6 +371,16 @@ class SelfSupervisedAutoencoder(AnomalyModel):
         from anomaly_models.ssae.visual import save_visual_check
 
         return save_visual_check(self, images, path, masks)
+
+
+def repair_loss(outputs: torch.Tensor, targets: torch.Tensor, changed: torch.Tensor, repair_weight: float) -> torch.Tensor:
+    """Mean squared error over all pixels plus `repair_weight` times its mean over the (B, H, W)
+    `changed` (corrupted) pixels; a batch without corruption adds nothing."""
+    squared = (outputs - targets).pow(2).mean(dim=1)
+    loss = squared.mean()
+    if repair_weight > 0 and changed.any():
+        loss = loss + repair_weight * squared[changed].mean()
+    return loss
 
 
 def position_grid(images: torch.Tensor) -> torch.Tensor:
