@@ -374,3 +374,13 @@ def test_repair_loss_adds_the_corrupted_pixels_error_with_its_weight():
     assert torch.isclose(repair_loss(outputs, targets, torch.zeros_like(changed), 2.0), plain)
     with pytest.raises(ConfigError, match="model.ssae.repair_weight"):
         build_model("ssae", config={"repair_weight": -1})
+
+
+def test_without_the_full_resolution_skip_only_lower_resolutions_are_merged():
+    model = build_model("ssae", config={**TINY, "full_resolution_skip": False}, preprocessing={"image_size": 32})
+    stages = model.network.up
+    assert stages[-1].skip is None and all(stage.skip is not None for stage in stages[:-1])
+    images = smooth_images(2, 32, 0)
+    assert model.reconstruct(images).shape == images.shape
+    with_skip = build_model("ssae", config=TINY, preprocessing={"image_size": 32}).network
+    assert sum(p.numel() for p in with_skip.parameters()) > sum(p.numel() for p in model.network.parameters())

@@ -62,6 +62,9 @@ class SSAEConfig:
     train_crop_size: int | None = None
     channels_last: bool = True  # NHWC memory format for training and scoring (faster CPU convolutions)
     position_channels: bool = False  # two extra input channels: the pixel's (y, x) in the whole image
+    # False: the last decoder stage gets no skip from the full-resolution encoder features, so no
+    # input detail reaches the output without passing through 1/2 resolution (ours; see README).
+    full_resolution_skip: bool = True
     # What the anomaly map measures between an image and its reconstruction: "pixel", the squared
     # error averaged over channels (the papers'); "features", 1 - cosine similarity of the
     # `residual_backbone`'s ImageNet features at `residual_layers` (ours, see scoring.FeatureResidual).
@@ -146,17 +149,18 @@ class GatedSkip(nn.Module):
 
 
 class UpStage(nn.Module):
-    """Bilinear x2, conv to the skip's width, gated merge with the skip, conv."""
+    """Bilinear x2, conv to the skip's width, gated merge with the skip (if `skip`), conv."""
 
-    def __init__(self, in_ch: int, out_ch: int):
+    def __init__(self, in_ch: int, out_ch: int, skip: bool = True):
         super().__init__()
         self.up = nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
                                 _conv(in_ch, out_ch))
-        self.skip = GatedSkip(out_ch)
+        self.skip = GatedSkip(out_ch) if skip else None
         self.fuse = _conv(out_ch, out_ch)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        return self.fuse(self.skip(self.up(x), skip))
+        x = self.up(x)
+        return self.fuse(x if self.skip is None else self.skip(x, skip))
 
 
 class SSAENetwork(nn.Module):
@@ -169,7 +173,10 @@ class SSAENetwork(nn.Module):
         self.stem = _conv(channels + (2 if config.position_channels else 0), widths[0])
         self.down = nn.ModuleList(_conv(a, b, stride=2) for a, b in zip(widths, widths[1:]))
         self.bottleneck = nn.Sequential(*(DilatedBlock(widths[-1], r) for r in config.dilation_rates))
-        self.up = nn.ModuleList(UpStage(a, b) for a, b in zip(widths[::-1], widths[::-1][1:]))
+        pairs = list(zip(widths[::-1], widths[::-1][1:]))
+        self.up = nn.ModuleList(
+            UpStage(a, b, skip=config.full_resolution_skip or i < len(pairs) - 1) for i, (a, b) in enumerate(pairs)
+        )
         self.head = nn.Conv2d(widths[0], channels, 3, padding=1)
 
     def forward(self, images: torch.Tensor, coordinates: torch.Tensor | None = None) -> torch.Tensor:
