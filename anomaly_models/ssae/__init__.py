@@ -23,7 +23,8 @@ corrupted, Gaussian noise off by default as its std is not known to us), the net
 `model.py`), plain L2 loss over all pixels, AdamW with a cosine schedule, training on random
 crops (`train_crop_size`, params.yaml 128 px of 256 px images) while scoring whole images, and
 the reading of "preserved" noise above. Options of ours, off by default (README has their runs):
-`repair_weight` (an extra L2 term over the corrupted pixels only), `residual: features` (the map
+`repair_weight` (an extra L2 term over the corrupted pixels only), `full_resolution_skip: false`
+(no gated skip at full resolution), `residual: features` (the map
 measures 1 - cosine similarity of pretrained ImageNet features of image and reconstruction
 instead of the pixel error) and `map_normalization: standardise` (each map pixel standardised by
 the held-out normal images' maps at that position, fitted at the end of `fit` or by `calibrate`).
