@@ -38,7 +38,8 @@ def ssae_rows(run: dict) -> list[tuple]:
     base = results.get("patchcore", {})
     paper = next(iter(ssae_bench.PAPERS.values()))
     target = ssae_bench.TARGET
-    budget = results["ssae"]["fit_cpu_minutes"]
+    ssae = results["ssae"]  # a --rescore run has no CPU time of its own: the epochs' wall time then
+    budget = f"{ssae['fit_cpu_minutes']:.1f}" if ssae.get("fit_cpu_minutes") else f"{ssae['train_wall_minutes']:.1f} wall"
     rows = []
     for row in ("ssae", ssae_bench.VARIANT_ROW):
         if row not in results:
@@ -48,7 +49,7 @@ def ssae_rows(run: dict) -> list[tuple]:
         rows.append((
             f"{row}, {settings['category']} {settings['image_size']} px, image / pixel AUROC, "
             f"{r['epochs_trained']} epochs",
-            f"{budget:.1f}" if budget is not None else "-",
+            budget,
             f"{r['image_auroc']:.4f} / {r['pixel_auroc']:.4f}",
             f"patchcore {base['image_auroc']:.4f} / {base['pixel_auroc']:.4f}" if base else "-",
             f"{paper[0]} / {paper[1]} (MVTec mean)",
