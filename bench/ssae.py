@@ -88,7 +88,7 @@ def train_and_score(name: str, config: dict, args: argparse.Namespace, root: Pat
     val_loader = DataLoader(datasets["val"], batch_size=args.batch_size)
     started, cpu_started = time.perf_counter(), time.process_time()
     if args.rescore and name != "patchcore":  # a finished run, scored with this run's scoring settings
-        model = rescored(name, config, args.save_dir / f"{name}.pt", datasets["val"], args.batch_size)
+        model = rescored(name, config, args.save_dir / f"{name}.pt", datasets["train"], args.batch_size)
         history, resumed = model.history, 0
     elif args.score_partial and name != "patchcore":  # an unfinished run, scored as it stands
         done, history = model.epoch_checkpoint.restore({"module": model.network})
@@ -138,7 +138,8 @@ def train_and_score(name: str, config: dict, args: argparse.Namespace, root: Pat
 
 def rescored(name: str, config: dict, path: Path, normal: MVTecAD, batch_size: int):
     """The model saved at `path` with the scoring settings of `config` (training settings must match:
-    only what happens after the reconstruction changes), its map statistics fitted on `normal`."""
+    only what happens after the reconstruction changes), its map statistics fitted on `normal` (the
+    training images, as fit does)."""
     model = load_model(path)
     wanted = from_dict(type(model.config), config, f"model.{name}")
     scoring = {f.name: getattr(wanted, f.name) for f in fields(wanted) if f.name in SCORING_KEYS}

@@ -303,15 +303,15 @@ def test_standardised_maps_are_fitted_on_normal_images_saved_and_checked(tmp_pat
     config = {**TINY, "map_normalization": "standardise", "normalization_std_sigma": 1.0}
     model = build_model("ssae", config=config, train={"epochs": 1, "batch_size": 8, "device": "cpu"},
                         preprocessing={"image_size": 32})
-    normal = smooth_images(16, 32, 1)
-    model.fit(loader(smooth_images(16, 32, 0), batch_size=8), loader(normal, batch_size=8))
+    normal, held_out = smooth_images(16, 32, 0), smooth_images(8, 32, 1)
+    model.fit(loader(normal, batch_size=8), loader(held_out, batch_size=8))
     assert model.map_mean.shape == model.map_std.shape == (32, 32)
     assert model.map_std.min() >= 0.1 * model.map_std.mean() - 1e-7  # the floor
     raw = model.scorer().residual_maps(normal)
-    assert torch.allclose(model.map_mean, raw.mean(dim=0), atol=1e-6)
+    assert torch.allclose(model.map_mean, raw.mean(dim=0), atol=1e-6)  # fitted on the training images
     scores, maps = model.predict(normal)
     assert torch.allclose(maps, (raw - model.map_mean) / model.map_std, atol=1e-5)
-    assert maps.mean(dim=0).abs().max() < 1e-4  # the normal images it was fitted on: zero mean per pixel
+    assert maps.mean(dim=0).abs().max() < 1e-4  # the images it was fitted on: zero mean per pixel
 
     loaded = load_model(model.save(tmp_path / "ssae.pt"))
     assert torch.equal(loaded.map_mean, model.map_mean)

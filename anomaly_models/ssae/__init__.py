@@ -27,7 +27,7 @@ the reading of "preserved" noise above. Options of ours, off by default (README 
 (no gated skip at full resolution), `residual: features` (the map
 measures 1 - cosine similarity of pretrained ImageNet features of image and reconstruction
 instead of the pixel error) and `map_normalization: standardise` (each map pixel standardised by
-the held-out normal images' maps at that position, fitted at the end of `fit` or by `calibrate`).
+the training images' maps at that position, fitted at the end of `fit` or by `calibrate`).
 
 Input handling: images of any size are resized to `preprocessing.image_size` by the dataset
 (small ones are upsampled); a `crop_size` larger than `image_size` is a ConfigError, and so is an

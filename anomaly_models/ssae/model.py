@@ -39,7 +39,7 @@ from anomaly_models.base import AnomalyModel, check_divisible, register_model
 from anomaly_models.distributed import rank
 from anomaly_models.errors import ConfigError
 from anomaly_models.scoring import (
-    FeatureResidual, ScoreReduction, gaussian_smooth, image_scores, map_statistics, standardise,
+    FeatureResidual, ScoreReduction, gaussian_smooth, image_scores, map_statistics, residual_map, standardise,
 )
 from anomaly_models.ssae.corruption import Corruption, CorruptionConfig, gaussian_noise
 from anomaly_models.training import resolve_device, run_epochs, seed_everything, seeded
@@ -219,10 +219,8 @@ class SSAEScorer(nn.Module):
         """(B, H, W) smoothed residual maps, before any standardisation."""
         reconstructions = self.network(images)
         if self.residual is None:
-            maps = (images - reconstructions).pow(2).mean(dim=1)
-        else:
-            maps = self.residual(images, reconstructions)
-        return gaussian_smooth(maps, self.sigma)
+            return residual_map(images, reconstructions, self.sigma)
+        return gaussian_smooth(self.residual(images, reconstructions), self.sigma)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         maps = self.residual_maps(images)
@@ -276,8 +274,9 @@ class SelfSupervisedAutoencoder(AnomalyModel):
     @torch.no_grad()
     def calibrate(self, loader: DataLoader) -> None:
         """Fit the per-pixel map statistics on normal images (map_normalization standardise; else
-        clear them). fit calls it with the held-out normal images; it also re-scores a model saved
-        with other scoring settings."""
+        clear them). fit calls it with the whole, uncorrupted training images (it trained on
+        corrupted crops of them), so that the held-out normals stay unseen for thresholds and
+        selection; it also re-scores a model saved with other scoring settings."""
         c = self.config
         self.map_mean = self.map_std = None
         if c.map_normalization == "none":
@@ -350,7 +349,7 @@ class SelfSupervisedAutoencoder(AnomalyModel):
             checkpoint=self.epoch_checkpoint, desc=self.name,
         )
         self.network.cpu().eval()
-        self.calibrate(val_loader if val_loader is not None and len(val_loader) else train_loader)
+        self.calibrate(train_loader)
         return self.history
 
     @property
