@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from anomaly_models.base import AnomalyModel, check_divisible, register_model
-from anomaly_models.scoring import ScoreReduction, image_scores, residual_map
+from anomaly_models.scoring import ScoreReduction, gaussian_smooth, image_scores, residual_map, standardise
 from anomaly_models.training import resolve_device, run_epochs, seed_everything, seeded
 from anomaly_models.transforms import Preprocessing
 
@@ -83,15 +83,35 @@ class ConvAutoencoder(nn.Module):
 
 
 class ReconstructionScorer(nn.Module):
-    """Export-ready scoring graph: images -> (image scores, anomaly maps)."""
+    """Export-ready scoring graph: images -> (image scores, anomaly maps).
 
-    def __init__(self, network: nn.Module, sigma: float, reduction: ScoreReduction, top_k: int):
+    The map is the residual between each image and its reconstruction (`residual` None: squared
+    pixel error averaged over channels; else e.g. a `scoring.FeatureResidual`), Gaussian-smoothed,
+    and, when `mean` / `std` are given, standardised per pixel; the image score reduces that map.
+    """
+
+    def __init__(self, network: nn.Module, sigma: float, reduction: ScoreReduction, top_k: int,
+                 residual: nn.Module | None = None, mean: torch.Tensor | None = None,
+                 std: torch.Tensor | None = None):
         super().__init__()
-        self.network = network
+        self.network, self.residual = network, residual
         self.sigma, self.reduction, self.top_k = sigma, reduction, top_k
+        self.standardised = mean is not None
+        if self.standardised:
+            self.register_buffer("mean", mean)
+            self.register_buffer("std", std)
+
+    def residual_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, H, W) smoothed residual maps, before any standardisation."""
+        reconstructions = self.network(images)
+        if self.residual is None:
+            return residual_map(images, reconstructions, self.sigma)
+        return gaussian_smooth(self.residual(images, reconstructions), self.sigma)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        maps = residual_map(images, self.network(images), self.sigma)
+        maps = self.residual_maps(images)
+        if self.standardised:
+            maps = standardise(maps, self.mean, self.std)
         return image_scores(maps, self.reduction, self.top_k), maps
 
 

@@ -31,7 +31,8 @@ import logging
 import sys
 import tempfile
 import time
-from dataclasses import fields, replace
+from dataclasses import replace
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -41,11 +42,12 @@ from torch.utils.data import DataLoader
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing the package
 
-from anomaly_models import build_model, load_model  # noqa: E402
+from anomaly_models import MODELS, build_model  # noqa: E402
 from anomaly_models.config import from_dict, load_params, to_dict  # noqa: E402
 from anomaly_models.data import MVTecAD, default_data_root  # noqa: E402
 from anomaly_models.errors import ConfigError, DataError  # noqa: E402
 from anomaly_models.evaluation import Predictions, evaluate, predict_dataset  # noqa: E402
+from anomaly_models.files import read_torch_file  # noqa: E402
 from anomaly_models.training import EpochCheckpoint, resolve_device, seed_everything  # noqa: E402
 from entry import run  # noqa: E402  (bench/entry.py)
 from selection import synthetic_defects  # noqa: E402  (bench/selection.py)
@@ -140,32 +142,38 @@ def rescored(name: str, config: dict, path: Path, normal: MVTecAD, batch_size: i
     """The model saved at `path` with the scoring settings of `config` (training settings must match:
     only what happens after the reconstruction changes), its map statistics fitted on `normal` (the
     training images, as fit does)."""
-    model = load_model(path)
-    wanted = from_dict(type(model.config), config, f"model.{name}")
-    scoring = {f.name: getattr(wanted, f.name) for f in fields(wanted) if f.name in SCORING_KEYS}
-    if replace(wanted, **{k: getattr(model.config, k) for k in scoring}) != model.config:
+    checkpoint = read_torch_file(path, "checkpoint")
+    method = MODELS[checkpoint["method"]]
+    saved = from_dict(method.config_class, checkpoint["config"], "config")
+    wanted = from_dict(method.config_class, config, f"model.{name}")
+    if replace(wanted, **{key: getattr(saved, key) for key in SCORING_KEYS if hasattr(saved, key)}) != saved:
         raise ConfigError(f"{path} was trained with other settings than model.{name} says; --rescore "
                           f"changes only {', '.join(SCORING_KEYS)}")
-    model = type(model).from_checkpoint({**torch.load(path, map_location="cpu", weights_only=True),
-                                         "config": to_dict(wanted)})
+    model = method.from_checkpoint({**checkpoint, "config": to_dict(wanted)})
     if hasattr(model, "calibrate"):
         model.calibrate(DataLoader(normal, batch_size=batch_size))
     return model
+
+
+@lru_cache(maxsize=None)
+def selection_sources(folder: Path, preprocessing) -> torch.Tensor:
+    """SELECTION_SOURCES images of `folder` (<class>/*.png), preprocessed: read once per preprocessing."""
+    files = sorted(folder.glob("*/*.png"))
+    if not files:
+        raise DataError(f"--selection-source {folder}: no <class>/*.png images (CIFAR-10 layout)")
+    sources = []
+    for path in files[:: max(1, len(files) // SELECTION_SOURCES)][:SELECTION_SOURCES]:
+        with Image.open(path) as image:
+            sources.append(preprocessing(image.convert("RGB"))[0])
+    return torch.stack(sources)
 
 
 def selection_metrics(model, normal: MVTecAD, args: argparse.Namespace) -> dict:
     """Image and pixel AUROC on the selection set: the held-out normal images and copies of them
     with synthetic defects filled from another dataset (bench/selection.py), for choosing settings
     without the test split."""
-    files = sorted(args.selection_source.glob("*/*.png"))
-    if not files:
-        raise DataError(f"--selection-source {args.selection_source}: no <class>/*.png images (CIFAR-10 layout)")
-    files = files[:: max(1, len(files) // SELECTION_SOURCES)][:SELECTION_SOURCES]
-    sources = []
-    for path in files:
-        with Image.open(path) as image:
-            sources.append(model.preprocessing(image.convert("RGB"))[0])
-    images, masks, labels = synthetic_defects(torch.stack([s.image for s in normal]), torch.stack(sources), args.seed)
+    sources = selection_sources(args.selection_source, model.preprocessing)
+    images, masks, labels = synthetic_defects(torch.stack([s.image for s in normal]), sources, args.seed)
     model.to(resolve_device(args.device))
     scores, maps = zip(*(model.predict(images[i:i + args.batch_size]) for i in range(0, len(images), args.batch_size)))
     model.to("cpu")

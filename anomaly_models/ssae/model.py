@@ -34,13 +34,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from anomaly_models.ae import ReconstructionScorer
 from anomaly_models.backbones import STAGES, BackboneName, build_backbone
 from anomaly_models.base import AnomalyModel, check_divisible, register_model
 from anomaly_models.distributed import rank
 from anomaly_models.errors import ConfigError
-from anomaly_models.scoring import (
-    FeatureResidual, ScoreReduction, gaussian_smooth, image_scores, map_statistics, residual_map, standardise,
-)
+from anomaly_models.scoring import FeatureResidual, ScoreReduction, map_statistics
 from anomaly_models.ssae.corruption import Corruption, CorruptionConfig, gaussian_noise
 from anomaly_models.training import resolve_device, run_epochs, seed_everything, seeded
 from anomaly_models.transforms import Preprocessing
@@ -196,39 +195,6 @@ class SSAENetwork(nn.Module):
         return self.head(x)
 
 
-class SSAEScorer(nn.Module):
-    """Export-ready scoring graph: images -> (image scores, anomaly maps).
-
-    The map is the residual between each image and its reconstruction (`residual` None: squared
-    pixel error averaged over channels; else a `FeatureResidual`), Gaussian-smoothed, and, when
-    `mean` / `std` are given, standardised per pixel; the image score reduces the final map.
-    """
-
-    def __init__(self, network: nn.Module, residual: FeatureResidual | None, sigma: float,
-                 reduction: ScoreReduction, top_k: int, mean: torch.Tensor | None = None,
-                 std: torch.Tensor | None = None):
-        super().__init__()
-        self.network, self.residual = network, residual
-        self.sigma, self.reduction, self.top_k = sigma, reduction, top_k
-        self.standardised = mean is not None
-        if self.standardised:
-            self.register_buffer("mean", mean)
-            self.register_buffer("std", std)
-
-    def residual_maps(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, H, W) smoothed residual maps, before any standardisation."""
-        reconstructions = self.network(images)
-        if self.residual is None:
-            return residual_map(images, reconstructions, self.sigma)
-        return gaussian_smooth(self.residual(images, reconstructions), self.sigma)
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        maps = self.residual_maps(images)
-        if self.standardised:
-            maps = standardise(maps, self.mean, self.std)
-        return image_scores(maps, self.reduction, self.top_k), maps
-
-
 @register_model
 class SelfSupervisedAutoencoder(AnomalyModel):
     """SSAE: trained to repair corrupted normal images, scored by its reconstruction error."""
@@ -266,10 +232,10 @@ class SelfSupervisedAutoencoder(AnomalyModel):
         std = torch.tensor(self.preprocessing.std)
         return Corruption(self.config.corruption, (0 - mean) / std, (1 - mean) / std)
 
-    def scorer(self) -> SSAEScorer:
+    def scorer(self) -> ReconstructionScorer:
         c = self.config
-        return SSAEScorer(self.network, self.feature_residual, c.smoothing_sigma, c.score_reduction, c.top_k,
-                          self.map_mean, self.map_std)
+        return ReconstructionScorer(self.network, c.smoothing_sigma, c.score_reduction, c.top_k,
+                                    self.feature_residual, self.map_mean, self.map_std)
 
     @torch.no_grad()
     def calibrate(self, loader: DataLoader) -> None:
