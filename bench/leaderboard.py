@@ -107,7 +107,10 @@ def msc_rows(run: dict) -> list[tuple]:
 
 def rows_of(path: Path) -> list[tuple]:
     """The leaderboard rows of one bench's JSON file, recognised by its keys."""
-    run = json.loads(path.read_text())
+    try:
+        run = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise SystemExit(f"{path}: not valid JSON ({error.msg}, line {error.lineno}); re-run the bench that wrote it")
     if "results" in run:
         return ssae_rows(run)
     if "classes" in run:
