@@ -26,8 +26,9 @@ def publish_run_summary(result: dict[str, Any]) -> str | None:
     from prefect.runtime import flow_run
 
     run_id = result.get("run_id")
-    mlflow_url = link_mlflow_run(run_id, str(flow_run.id), flow_run.name) if run_id else None
-    markdown = summary_markdown(result, flow_run.name, mlflow_url)
+    mlflow_url, mlflow_tags = link_mlflow_run(run_id, str(flow_run.id), flow_run.name) if run_id else (None, {})
+    markdown = summary_markdown({**result, "train_skipped": mlflow_tags.get("train_skipped")}, flow_run.name,
+                                mlflow_url)
     status = result.get("status") or ("promoted" if result.get("decision", {}).get("promoted") else "done")
     artifact = create_markdown_artifact(
         markdown=markdown, key=ARTIFACT_KEY,
@@ -37,9 +38,9 @@ def publish_run_summary(result: dict[str, Any]) -> str | None:
     return str(artifact)
 
 
-def link_mlflow_run(run_id: str, flow_run_id: str, flow_run_name: str | None) -> str | None:
-    """Tag the MLflow run with the Prefect flow run; its address in the MLflow UI when tracking
-    goes to an http(s) server (a local sqlite store has no UI address: `mlflow ui` serves it)."""
+def link_mlflow_run(run_id: str, flow_run_id: str, flow_run_name: str | None) -> tuple[str | None, dict]:
+    """Tag the MLflow run with the Prefect flow run; (its address in the MLflow UI when tracking
+    goes to an http(s) server, else None: `mlflow ui` serves a local store; the run's tags)."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -50,10 +51,11 @@ def link_mlflow_run(run_id: str, flow_run_id: str, flow_run_name: str | None) ->
     client.set_tag(run_id, FLOW_RUN_ID_TAG, flow_run_id)
     if flow_run_name:
         client.set_tag(run_id, FLOW_RUN_NAME_TAG, flow_run_name)
+    run = client.get_run(run_id)
     if not uri.startswith(("http://", "https://")):
-        return None
-    experiment = client.get_run(run_id).info.experiment_id
-    return f"{mlflow.get_tracking_uri().rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
+        return None, run.data.tags
+    url = f"{mlflow.get_tracking_uri().rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+    return url, run.data.tags
 
 
 def summary_markdown(result: dict[str, Any], flow_run_name: str | None, mlflow_url: str | None) -> str:
@@ -72,6 +74,8 @@ def summary_markdown(result: dict[str, Any], flow_run_name: str | None, mlflow_u
                      f"data hash `{result.get('data_hash', 'unknown')}`")
     if result.get("num_train_images") is not None:
         lines.append(f"- Training images: {result['num_train_images']}")
+    if result.get("train_skipped") == "true":
+        lines.append("- Training skipped: an identical model (same settings, data and code) was already trained")
     if result.get("accepted") is not None:
         lines.append(f"- New images accepted: {len(result['accepted'])}")
     for name, reason in (result.get("rejected") or {}).items():
@@ -79,7 +83,7 @@ def summary_markdown(result: dict[str, Any], flow_run_name: str | None, mlflow_u
     metrics = {k: v for k, v in (result.get("metrics") or {}).items() if isinstance(v, (int, float))}
     if metrics:
         lines += ["", "## Metrics (fixed test split)", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {key} | {value:.4f} |" for key, value in sorted(metrics.items())]
+        lines += [f"| {key} | {_number(value)} |" for key, value in sorted(metrics.items())]
     decision = result.get("decision") or {}
     if decision:
         lines += ["", "## Registry gate", "", gate_sentence(decision), "", "| field | value |", "|---|---|"]
@@ -101,4 +105,5 @@ def gate_sentence(decision: dict[str, Any]) -> str:
 
 
 def _number(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, (int, float)) else str(value)
+    """Measurements to 4 decimals; counts, versions and flags as they are."""
+    return f"{value:.4f}" if isinstance(value, float) and not value.is_integer() else str(value)
