@@ -6,8 +6,14 @@ PREFECT_API_URL pointing at it (e.g. http://127.0.0.1:4200/api). Schedules come 
 
     python -m flows.deploy [--params params.yaml] [--profile P]
 
-serves both deployments from this process until Ctrl-C (which pauses their schedules). If the API
+serves both deployments from this process until Ctrl-C or SIGTERM: a run in progress then ends
+CANCELLED, and the schedules are paused (which deletes their runs not yet started). If the API
 stops answering, it exits with status 3 and one line instead of waiting on the lost server.
+
+Each deployment runs one flow run at a time (a deployment concurrency limit of 1, ENQUEUE: a run
+asked for meanwhile waits as AwaitingConcurrencySlot); when a run starts, the other runs of its
+deployment that were already due and still wait (Late after a downtime) are cancelled as
+superseded by it (tasks/prefect_runs.py), so a backlog collapses into one run.
 
     prefect work-pool create anomaly --type process
     python -m flows.deploy --work-pool anomaly
