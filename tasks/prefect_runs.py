@@ -57,18 +57,34 @@ def _model_name() -> str | None:
 
 def show_library_logs(flow, flow_run, state) -> None:
     """on_running hook: the library's progress lines (epochs, resumes, downloads) go to this run's
-    Prefect log (UI, `prefect flow-run logs`) and console, at Prefect's log level, in served,
-    work-pool and in-process runs alike; what PREFECT_LOGGING_EXTRA_LOGGERS=anomaly_models does,
-    plus the level, which that setting leaves at WARNING."""
+    Prefect log (UI, `prefect flow-run logs`) at Prefect's log level, in served, work-pool and
+    in-process runs alike: what PREFECT_LOGGING_EXTRA_LOGGERS=anomaly_models does, plus the level,
+    which that setting leaves at WARNING. The console shows them through the root logger."""
+    from prefect.logging.handlers import APILogHandler
     from prefect.settings import PREFECT_LOGGING_LEVEL
 
     library = logging.getLogger(LIBRARY_LOGGER)
     level = logging.getLevelName(str(PREFECT_LOGGING_LEVEL.value()).upper())
     if isinstance(level, int) and (library.level == logging.NOTSET or library.level > level):
         library.setLevel(level)
-    for handler in logging.getLogger("prefect.extra").handlers:  # Prefect's API handler
-        if handler not in library.handlers:
-            library.addHandler(handler)
+    if not any(isinstance(handler, APILogHandler) for handler in library.handlers):
+        library.addHandler(_run_log_handler())
+
+
+def _run_log_handler() -> logging.Handler:
+    from prefect.context import FlowRunContext, TaskRunContext
+    from prefect.logging.handlers import APILogHandler
+
+    class InRunAPILogHandler(APILogHandler):
+        """Prefect's API log handler, silent outside a flow or task run: the handler stays on the
+        library logger after the run, and library calls made later in the same process (the CLI,
+        tests) must not warn about a missing run on every line."""
+
+        def emit(self, record: logging.LogRecord) -> None:
+            if FlowRunContext.get() is not None or TaskRunContext.get() is not None:
+                super().emit(record)
+
+    return InRunAPILogHandler()
 
 
 def supersede_waiting_runs(flow, flow_run, state) -> None:
