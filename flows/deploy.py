@@ -6,8 +6,14 @@ PREFECT_API_URL pointing at it (e.g. http://127.0.0.1:4200/api). Schedules come 
 
     python -m flows.deploy [--params params.yaml] [--profile P]
 
-serves both deployments from this process until Ctrl-C (which pauses their schedules). If the API
+serves both deployments from this process until Ctrl-C or SIGTERM: a run in progress then ends
+CANCELLED, and the schedules are paused (which deletes their runs not yet started). If the API
 stops answering, it exits with status 3 and one line instead of waiting on the lost server.
+
+Each deployment runs one flow run at a time (a deployment concurrency limit of 1, ENQUEUE: a run
+asked for meanwhile waits as AwaitingConcurrencySlot); when a run starts, the other runs of its
+deployment that were already due and still wait (Late after a downtime) are cancelled as
+superseded by it (tasks/prefect_runs.py), so a backlog collapses into one run.
 
     prefect work-pool create anomaly --type process
     python -m flows.deploy --work-pool anomaly
@@ -21,8 +27,10 @@ as params.yaml resolve as in a manual run.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -30,6 +38,8 @@ from datetime import timedelta
 from pathlib import Path
 
 import httpx
+
+from tasks.prefect_runs import ONE_RUN_AT_A_TIME
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTRYPOINTS = {"pipeline": "flows/pipeline.py:pipeline", "retrain": "flows/retrain.py:retrain"}
@@ -89,18 +99,35 @@ def deployments(
         }
         extra = {"work_pool_name": work_pool}
     arguments = {"params_file": params_file, "profile": profile}
+    model = params.registered_name()
+    common = {
+        "parameters": arguments,
+        "concurrency_limit": ONE_RUN_AT_A_TIME,
+        "tags": ["anomaly", params.data.dataset, model, *([f"profile:{profile}"] if profile else [])],
+        **extra,
+    }
     return [
         flows["pipeline"].to_deployment(
             name="scheduled-pipeline",
             cron=params.retrain.pipeline_cron,
-            parameters=arguments,
-            **extra,
+            description=(
+                f"Train, evaluate and register {model} on the project's DVC-tracked data "
+                f"(settings: {params_file}{f', profile {profile}' if profile else ''}); the registry "
+                f"gate promotes it only when it beats the champion. Cron {params.retrain.pipeline_cron} "
+                "(UTC); one run at a time, waiting runs collapse into the next one that starts."
+            ),
+            **common,
         ),
         flows["retrain"].to_deployment(
             name="retrain-on-new-data",
             interval=timedelta(minutes=params.retrain.retrain_interval_minutes),
-            parameters=arguments,
-            **extra,
+            description=(
+                f"Every {params.retrain.retrain_interval_minutes} min: add new normal images from "
+                f"{params.retrain.inbox} to the training data (rejects kept aside), retrain {model} and "
+                "let the registry gate decide; an empty inbox does nothing. One run at a time, waiting "
+                "runs collapse into the next one that starts."
+            ),
+            **common,
         ),
     ]
 
@@ -163,11 +190,44 @@ def watch_api(url: str, every: float, misses: int) -> None:
             os._exit(EXIT_API_LOST)
 
 
-def serve_deployments(deps: list, url: str, check_every: float = 2.0, misses: int = 2) -> None:
-    from prefect import serve
+def cancelling_runner():
+    """Prefect's Runner, stopping the way `kill`, `docker stop` or systemd expect: on SIGTERM (and
+    Ctrl-C) the runs in progress are cancelled (their processes stopped, their state CANCELLED),
+    then the schedules are paused and the process exits. Prefect 3.8.8's own SIGTERM handler calls
+    the async `stop()` without awaiting it, so the run it leaves behind stays RUNNING forever."""
+    from prefect.runner import Runner
 
+    class CancellingRunner(Runner):
+        _stop_task = None
+
+        def handle_sigterm(self, signum: int = signal.SIGTERM, *args) -> None:
+            if self._stop_task is not None:  # a second signal: leave now
+                raise SystemExit(128 + signum)
+            self._logger.info(
+                f"{signal.Signals(signum).name} received: cancelling the runs in progress, "
+                "pausing the schedules, then stopping"
+            )
+            loop = asyncio.get_running_loop()  # the handler runs in the loop's (main) thread
+            self._stop_task = loop.create_task(self.astop())
+
+        async def start(self, *args, **kwargs) -> None:
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGINT, self.handle_sigterm)  # Runner.start takes SIGTERM
+            await super().start(*args, **kwargs)
+
+    return CancellingRunner(pause_on_shutdown=True)
+
+
+def serve_deployments(deps: list, url: str, check_every: float = 2.0, misses: int = 2) -> None:
+    """Serve the deployments here until SIGTERM or Ctrl-C (see `cancelling_runner`)."""
     threading.Thread(target=watch_api, args=(url, check_every, misses), daemon=True).start()
-    serve(*deps)
+    runner = cancelling_runner()
+    for deployment in deps:
+        runner.add_deployment(deployment)
+    names = ", ".join(f"{d.flow_name}/{d.name}" for d in deps)
+    print(f"serving {names}; start a run now with: prefect deployment run '<flow>/<deployment>'; "
+          "stop with Ctrl-C or SIGTERM (runs in progress end CANCELLED, schedules paused)", flush=True)
+    asyncio.run(runner.start())
 
 
 def main(argv: list[str] | None = None) -> int:

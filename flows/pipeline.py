@@ -20,15 +20,19 @@ from prefect import flow
 
 from anomaly_models.config import Params, load_params
 from tasks import steps
+from tasks.prefect_runs import RUN_HOOKS, flow_run_namer
+from tasks.summary import publish_run_summary
 
 
-@flow(name="anomaly-pipeline", log_prints=True)
+@flow(name="anomaly-pipeline", log_prints=True, flow_run_name=flow_run_namer("pipeline"), **RUN_HOOKS)
 def pipeline(
     params_file: str = "params.yaml", profile: str | None = None, workdir: str = ".",
     overrides: dict[str, Any] | None = None,
 ) -> dict:
     params = load_params(params_file, profile, overrides)  # a malformed file fails before any work
-    return run_pipeline(params, Path(workdir))
+    result = run_pipeline(params, Path(workdir))
+    publish_run_summary(result)
+    return result
 
 
 def run_pipeline(params: Params, workdir: Path, run_name: str | None = None) -> dict:

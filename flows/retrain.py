@@ -25,9 +25,11 @@ from anomaly_models.data.inbox import recover_inbox
 from anomaly_models.errors import AnomalyError, ConfigError
 from flows.pipeline import run_pipeline
 from tasks import steps
+from tasks.prefect_runs import RUN_HOOKS, flow_run_namer
+from tasks.summary import publish_run_summary
 
 
-@flow(name="anomaly-retrain", log_prints=True)
+@flow(name="anomaly-retrain", log_prints=True, flow_run_name=flow_run_namer("retrain"), **RUN_HOOKS)
 def retrain(params_file: str = "params.yaml", profile: str | None = None, workdir: str = ".") -> dict:
     params = load_params(params_file, profile)
     work = Path(workdir)
@@ -45,7 +47,9 @@ def retrain(params_file: str = "params.yaml", profile: str | None = None, workdi
     if not report.accepted:
         return {"status": "nothing accepted", "rejected": rejected}
     result = run_pipeline(params, work, run_name=f"retrain-{params.registered_name()}")
-    return {"status": "retrained", "accepted": [str(p) for p in report.accepted], "rejected": rejected, **result}
+    result = {"status": "retrained", "accepted": [str(p) for p in report.accepted], "rejected": rejected, **result}
+    publish_run_summary(result)
+    return result
 
 
 def check_inbox(inbox: Path) -> Path:

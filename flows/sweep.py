@@ -26,11 +26,12 @@ from prefect_dask import DaskTaskRunner
 from anomaly_models.config import Params, load_params
 from anomaly_models.errors import ConfigError
 from anomaly_models.leaderboard import write_leaderboard
+from tasks.prefect_runs import RUN_HOOKS, flow_run_namer
 from tasks.sweep import run_cell
 from tasks.tracking import start_run
 
 
-@flow(name="anomaly-sweep", log_prints=True)
+@flow(name="anomaly-sweep", log_prints=True, flow_run_name=flow_run_namer("sweep"), **RUN_HOOKS)
 def sweep_flow(params: Params, workdir: str = ".") -> dict:
     cells = list(itertools.product(params.sweep.methods, params.sweep.subjects, params.sweep.seeds))
     parent = start_run(params, "sweep", "sweep", tags={"sweep_cells": str(len(cells))})

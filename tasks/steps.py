@@ -22,6 +22,7 @@ from anomaly_models.data.prepare import write_manifest
 from anomaly_models.pretrain import pretrain_backbone
 from anomaly_models.runs import train_model, write_evaluation
 from tasks.dvc import commit_data_version
+from tasks.prefect_runs import TRANSIENT_RETRIES, TRANSIENT_RETRY_DELAY_SECONDS
 from tasks.tracking import record_run
 
 
@@ -30,7 +31,7 @@ def data_folder(params: Params, workdir: Path) -> Path:
     return Path(workdir) / "data" / params.data.dataset
 
 
-@task(name="download", retries=2, retry_delay_seconds=10)
+@task(name="download", retries=TRANSIENT_RETRIES, retry_delay_seconds=TRANSIENT_RETRY_DELAY_SECONDS)
 def download(params: Params, workdir: Path) -> Params:
     """Fill data/<dataset> from the configured source or the official download (kept when there:
     retraining adds to it); returns the params that read it."""
@@ -38,7 +39,7 @@ def download(params: Params, workdir: Path) -> Params:
     return dataclasses.replace(params, data=dataclasses.replace(params.data, root=str(folder.resolve())))
 
 
-@task(name="version-data")
+@task(name="version-data", retries=TRANSIENT_RETRIES, retry_delay_seconds=TRANSIENT_RETRY_DELAY_SECONDS)
 def version_data(params: Params, workdir: Path) -> str | None:
     """Record data/<dataset> as a DVC version (a no-op when unchanged); DVC's md5 of it."""
     version = commit_data_version(workdir, data_folder(params, workdir))
@@ -82,7 +83,7 @@ def evaluate(params: Params, checkpoint: Path, metrics_path: Path, plots_dir: Pa
     return result.metrics, [str(path) for path in files.values()]
 
 
-@task(name="track")
+@task(name="track", retries=TRANSIENT_RETRIES, retry_delay_seconds=TRANSIENT_RETRY_DELAY_SECONDS)
 def track(params: Params, checkpoint: Path, metrics: dict, files: list[str], data_version: str | None,
           train_skipped: bool, run_name: str | None = None) -> dict:
     """The run's MLflow record and the registry gate (the same function as the DVC register stage)."""

@@ -1,7 +1,10 @@
-"""A tiny flow for the scheduler tests (tests/test_schedules.py), and commands to deploy it.
+"""Tiny flows for the scheduler tests (tests/test_schedules.py), and commands to deploy them.
 
-    python tests/schedule_flows.py serve OUT SECONDS          # serve it here on an interval
-    python tests/schedule_flows.py pool OUT SECONDS POOL      # apply it to a work pool and return
+    python tests/schedule_flows.py serve OUT SECONDS          # serve `tick` here on an interval
+    python tests/schedule_flows.py pool OUT SECONDS POOL      # apply `tick` to a work pool and return
+    python tests/schedule_flows.py work OUT SECONDS [BACKLOG] # serve `work` as flows.deploy does, one
+                                                              # run at a time, after creating BACKLOG
+                                                              # runs that were due 10 minutes ago
 
 Each run appends one line (its flow-run id) to OUT, so a test sees that runs really executed.
 """
@@ -9,12 +12,18 @@ Each run appends one line (its flow-run id) to OUT, so a test sees that runs rea
 from __future__ import annotations
 
 import sys
-from datetime import timedelta
+import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from prefect import flow, runtime, serve
-
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # flows/ and tasks/ of this checkout, here and in flow-run processes
+
+from prefect import flow, get_client, runtime, serve
+from prefect.states import Scheduled
+
+from flows.deploy import api_url, serve_deployments
+from tasks.prefect_runs import ONE_RUN_AT_A_TIME, supersede_waiting_runs
 
 
 @flow
@@ -23,6 +32,28 @@ def tick(out: str) -> str:
     with open(out, "a") as handle:
         handle.write(run_id + "\n")
     return run_id
+
+
+@flow(on_running=[supersede_waiting_runs])
+def work(out: str, seconds: float) -> str:
+    """A run that takes a while, with the real deployments' backlog hook."""
+    run_id = str(runtime.flow_run.id)
+    with open(out, "a") as handle:
+        handle.write(run_id + "\n")
+    time.sleep(seconds)
+    return run_id
+
+
+def serve_work(out: str, seconds: float, backlog: int) -> None:
+    deployment = work.to_deployment(name="work-served", parameters={"out": out, "seconds": seconds},
+                                    concurrency_limit=ONE_RUN_AT_A_TIME)
+    if backlog:
+        deployment_id = deployment.apply()
+        due = datetime.now(timezone.utc) - timedelta(minutes=10)
+        with get_client(sync_client=True) as client:
+            for _ in range(backlog):
+                client.create_flow_run_from_deployment(deployment_id, state=Scheduled(scheduled_time=due))
+    serve_deployments([deployment], api_url())
 
 
 def main(argv: list[str]) -> int:
@@ -35,6 +66,8 @@ def main(argv: list[str]) -> int:
         source = tick.from_source(source=str(HERE), entrypoint="schedule_flows.py:tick")
         deployment_id = source.to_deployment(name="tick-pool", **schedule).apply(work_pool_name=pool)
         print(deployment_id)
+    elif mode == "work":
+        serve_work(out, seconds, int(argv[3]) if len(argv) > 3 else 0)
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     return 0

@@ -87,6 +87,7 @@ class Server:
             "PREFECT_SERVER_SERVICES_SCHEDULER_MIN_RUNS": "1",
             "PREFECT_RUNNER_POLL_FREQUENCY": "2",
             "PREFECT_WORKER_QUERY_SECONDS": "2",
+            "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "2",  # a queued run retries soon
             "COLUMNS": "250",  # the CLI's tables: names not cut
         }
         self.env.pop("PREFECT_PROFILE", None)
@@ -130,6 +131,21 @@ class Server:
         response = self.request("POST", "/flow_runs/filter", json=body)
         response.raise_for_status()
         return response.json()
+
+    def run(self, run_id: str) -> dict:
+        response = self.get(f"/flow_runs/{run_id}")
+        response.raise_for_status()
+        return response.json()
+
+    def create_run(self, deployment_id: str) -> dict:
+        response = self.request("POST", f"/deployments/{deployment_id}/create_flow_run", json={})
+        response.raise_for_status()
+        return response.json()
+
+    def state_names(self, run_id: str) -> list[str]:
+        response = self.get(f"/flow_run_states/?flow_run_id={run_id}")
+        response.raise_for_status()
+        return [state["name"] for state in sorted(response.json(), key=lambda s: s["timestamp"])]
 
     def cli(self, *args: str, timeout: float = 90) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -257,8 +273,78 @@ def test_flows_deploy_applies_the_real_deployments_to_a_pool(server):
             {"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}
         ]
         assert deployment["parameters"] == {"params_file": "params.yaml", "profile": None}
+        assert deployment["tags"] == ["anomaly", "mvtec", "patchcore-mvtec-bottle"]
+        assert "patchcore-mvtec-bottle" in deployment["description"]
+        assert deployment["global_concurrency_limit"]["limit"] == 1
+        assert deployment["concurrency_options"]["collision_strategy"] == "ENQUEUE"
     assert pipeline["schedules"][0]["schedule"]["cron"] == "0 3 * * 1"
     assert retrain["schedules"][0]["schedule"]["interval"] == 3600.0
+
+
+FINAL = {"COMPLETED", "CANCELLED", "FAILED", "CRASHED"}
+
+
+def test_late_backlog_collapses_into_one_run_and_a_new_run_queues(server, tmp_path):
+    """Four runs due 10 minutes ago (the server was up, nothing served them): one runs, the others
+    end CANCELLED as superseded by it; a run asked for while one runs waits for the slot, then runs."""
+    out = tmp_path / "work.txt"
+    serving = server.start("serve-backlog", [sys.executable, HELPER, "work", str(out), "6", "4"])
+    try:
+        deployment = wait_for("the backlog deployment", lambda: (
+            d := server.deployment("work", "work-served")) and d["parameters"]["out"] == str(out) and d, 90, serving)
+        assert deployment["global_concurrency_limit"]["limit"] == 1
+        assert deployment["concurrency_options"]["collision_strategy"] == "ENQUEUE"
+
+        def settled():
+            runs = server.runs(deployment["id"])
+            return runs if len(runs) == 4 and all(r["state_type"] in FINAL for r in runs) else None
+
+        backlog = wait_for("the backlog to settle", settled, 120, serving)
+        completed = [r for r in backlog if r["state_type"] == "COMPLETED"]
+        cancelled = [r for r in backlog if r["state_type"] == "CANCELLED"]
+        assert len(completed) == 1 and len(cancelled) == 3, [(r["name"], r["state_name"]) for r in backlog]
+        winner = completed[0]
+        for run in cancelled:
+            assert f"superseded by flow run {winner['name']!r}" in run["state"]["message"]
+        assert out.read_text().split() == [winner["id"]]  # the superseded ones never executed
+
+        first = server.create_run(deployment["id"])
+        wait_for("the first new run to start", lambda: server.run(first["id"])["state_type"] == "RUNNING", 90, serving)
+        second = server.create_run(deployment["id"])  # asked for while the first runs: it queues
+        wait_for("both new runs to finish",
+                 lambda: all(server.run(r["id"])["state_type"] in FINAL for r in (first, second)), 120, serving)
+    finally:
+        serving.stop()
+    first, second = server.run(first["id"]), server.run(second["id"])
+    assert first["state_type"] == second["state_type"] == "COMPLETED", (first["state"], second["state"])
+    assert "AwaitingConcurrencySlot" in server.state_names(second["id"])
+    assert second["start_time"] >= first["end_time"]  # one at a time
+    assert out.read_text().split() == [winner["id"], first["id"], second["id"]]
+
+
+def test_sigterm_to_the_serving_process_cancels_the_run_in_progress(server, tmp_path):
+    """`kill <pid>` (docker stop, systemd) on the process serving the deployments while a run is in
+    progress: the run ends CANCELLED (not RUNNING forever) and the process exits 0."""
+    out = tmp_path / "work.txt"
+    serving = server.start("serve-sigterm", [sys.executable, HELPER, "work", str(out), "120"])
+    try:
+        deployment = wait_for("the served deployment with this test's parameters", lambda: (
+            d := server.deployment("work", "work-served")) and d["parameters"]["out"] == str(out) and d, 90, serving)
+        run = server.create_run(deployment["id"])
+        wait_for("the run to start", lambda: out.exists() and run["id"] in out.read_text(), 90, serving)
+        assert server.run(run["id"])["state_type"] == "RUNNING"
+        serving.popen.send_signal(signal.SIGTERM)  # the serving process only, not its group
+        try:
+            serving.popen.wait(60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still serving 60 s after SIGTERM\n{serving.tail()}")
+        assert serving.popen.returncode == 0, serving.tail()
+        final = wait_for("the run's final state", lambda: (r := server.run(run["id"]))["state_type"] in FINAL and r,
+                         30, every=1.0)
+    finally:
+        serving.stop()
+    assert final["state_type"] == "CANCELLED", (final["state"], serving.tail())
+    assert "SIGTERM received: cancelling the runs in progress" in serving.output()
 
 
 def test_flows_deploy_without_an_api_is_one_line(tmp_path):
