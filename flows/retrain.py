@@ -25,6 +25,7 @@ from anomaly_models.data.inbox import recover_inbox
 from anomaly_models.errors import AnomalyError, ConfigError
 from flows.pipeline import run_pipeline
 from tasks import steps
+from tasks.screening import screen_inbox
 
 
 @flow(name="anomaly-retrain", log_prints=True)
@@ -40,7 +41,8 @@ def retrain(params_file: str = "params.yaml", profile: str | None = None, workdi
     params = steps.download(params, work)  # the images go into data/<dataset>, which every door reads
     before = steps.prepare(params, work / "data" / "manifest.json")
     known = {entry["sha256"] for files in before["splits"].values() for entry in files}
-    report = steps.ingest(params, inbox, known, work)
+    screened = screen_inbox(params, inbox)  # the champion's verdict on each image (retrain.screen_with_champion)
+    report = steps.ingest(params, inbox, known, work, screened)
     rejected = {**quarantined, **report.rejected}
     if not report.accepted:
         return {"status": "nothing accepted", "rejected": rejected}
