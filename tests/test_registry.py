@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from anomaly_models.cli import main
 from anomaly_models import load_model
-from anomaly_models.config import params_from_dict
+from anomaly_models.config import load_params, params_from_dict
 from anomaly_models.data.prepare import build_manifest
 from anomaly_models.errors import ConfigError
 from anomaly_models.files import file_sha256
@@ -151,3 +151,33 @@ def test_register_refuses_metrics_it_cannot_check(tmp_path, tiny_mvtec, variants
         assert code == 2 and len(err.splitlines()) == 1, err
         assert str(path) in err and expected in err, err
         assert registry_state() == before
+
+
+def test_a_smoke_run_registers_apart_and_leaves_the_real_champion(tmp_path, tiny_mvtec, variants, mlflow_store,
+                                                                 monkeypatch):
+    """`anomaly run --profile test` (and `dvc exp run -S profile=test`, the same settings): its own
+    experiment and registered model, <name>-smoke; the real model's champion does not move."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["data"].update(root=str(tiny_mvtec), category="widget")
+    raw["register"]["model_name"] = "inspector"
+    raw["profile"] = None
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(raw))
+    sharp, metrics = variants["sharp"]
+    assert record_run(load_params(params_file), sharp, metrics, [], None)["promoted"]
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--params", str(params_file), "--profile", "test"]) == 0
+    client = MlflowClient()
+    assert [int(v.version) for v in client.search_model_versions("name='inspector'")] == [1]
+    assert client.get_registered_model("inspector").aliases == {"champion": 1, "challenger": 1}
+    smoke = client.get_model_version_by_alias("inspector-smoke", "champion")
+    assert client.get_experiment(client.get_run(smoke.run_id).info.experiment_id).name == "anomaly-detection-smoke"
+    real_runs = client.search_runs([client.get_experiment_by_name("anomaly-detection").experiment_id])
+    assert len(real_runs) == 1
+
+    raw["profile"] = "test"  # the tracked value `dvc exp run -S profile=test` sets: the same settings
+    params_file.write_text(yaml.safe_dump(raw))
+    smoke_params = load_params(params_file)
+    assert (smoke_params.registered_name(), smoke_params.register.experiment) == (
+        "inspector-smoke", "anomaly-detection-smoke")
