@@ -3,7 +3,8 @@
     python -m flows.retrain [--params params.yaml] [--profile test] [--workdir .]
 
 Looks into the inbox (`retrain.inbox`); with nothing there it says so and stops. Otherwise it
-validates the new images and adds the good ones to the training images of the project's
+validates the new images, has the registered champion score them (one at or above its threshold is
+rejected as anomalous; `retrain.screen_with_champion`) and adds the good ones to the training images of the project's
 DVC-tracked `data/<dataset>` and records that as a new DVC data version, all or nothing
 (anomaly_models/data/inbox.py: an ingest killed midway is undone first), then runs the pipeline,
 which retrains, evaluates on the SAME fixed test split and registers the result as challenger; the
