@@ -44,11 +44,11 @@ def check_evidence(model: AnomalyModel, data: DataConfig, metrics: Mapping[str, 
                           "evaluate --model CHECKPOINT --out FILE` for the checkpoint being registered")
     fingerprint = model.fingerprint()
     if metrics[FINGERPRINT_KEY] != fingerprint:
-        raise ConfigError(f"{source}: metrics of another model ({FINGERPRINT_KEY} {metrics[FINGERPRINT_KEY][:12]}, "
+        raise ConfigError(f"{source}: metrics of another model ({FINGERPRINT_KEY} {str(metrics[FINGERPRINT_KEY])[:12]}, "
                           f"this checkpoint's is {fingerprint[:12]}); evaluate this checkpoint to register it")
     current = test_set_sha256(model, data)
     if metrics[TEST_SET_KEY] != current:
-        raise ConfigError(f"{source}: metrics of another test split ({TEST_SET_KEY} {metrics[TEST_SET_KEY][:12]}, "
+        raise ConfigError(f"{source}: metrics of another test split ({TEST_SET_KEY} {str(metrics[TEST_SET_KEY])[:12]}, "
                           f"the test split now is {current[:12]}); evaluate the checkpoint again to register it")
 
 

@@ -129,8 +129,9 @@ def _summary(decision: dict, comparisons) -> str:
     compared = "; ".join(f"{c.metric} {_number(c.challenger)} vs {_number(c.champion)} ({c.outcome})"
                          for c in comparisons)
     outcome = "promoted to champion" if decision["promoted"] else "champion kept"
-    return (f"{compared} against champion v{decision['champion_version']} ({decision['champion_source']}) "
-            f"-> {outcome}")
+    why = decision["champion_evidence"].get("why")
+    source = f"{decision['champion_source']}{f' ({why})' if why else ''}"
+    return f"{compared} against champion v{decision['champion_version']}, {source} -> {outcome}"
 
 
 def _number(value: float | None) -> str:
