@@ -12,9 +12,9 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from anomaly_models.cli import main
 from anomaly_models import load_model
-from anomaly_models.config import load_params, params_from_dict
+from anomaly_models.cli import main
+from anomaly_models.config import Params, load_params, params_from_dict
 from anomaly_models.data.prepare import build_manifest
 from anomaly_models.errors import ConfigError
 from anomaly_models.files import file_sha256
@@ -28,18 +28,19 @@ SHARP = {"coreset_ratio": 1.0, "smoothing_sigma": 1.0}
 BLURRED = {"coreset_ratio": 0.25, "smoothing_sigma": 8.0}
 
 
-def patchcore_params(tiny_mvtec: Path, options: dict, name: str, **register) -> object:
+def patchcore_params(tiny_mvtec: Path, options: dict, name: str) -> Params:
+    """PatchCore at 64 px on the widget set, registered as `name`."""
     return params_from_dict({
         "data": {"root": str(tiny_mvtec), "category": "widget"},
         "model": {"method": "patchcore", "image_size": 64, "patchcore": options},
         "train": {"epochs": 1, "device": "cpu"},
-        "register": {"model_name": name, **register},
+        "register": {"model_name": name},
     })
 
 
 @pytest.fixture
 def variants(tmp_path, tiny_mvtec):
-    """Both fitted variants: {name: (checkpoint, metrics)}."""
+    """Both variants fitted and evaluated: {label: (checkpoint, metrics)}."""
     fitted = {}
     for label, options in (("sharp", SHARP), ("blurred", BLURRED)):
         params = patchcore_params(tiny_mvtec, options, "unused")
@@ -56,7 +57,8 @@ def test_a_tie_on_the_gate_metric_is_decided_by_the_tie_break_both_ways(variants
     assert margin > 0.001, "the variants must differ on the tie-break metric"
     client = MlflowClient()
 
-    # Worse first, then better: the tie on image AUROC goes to pixel AUROC, which promotes.
+    # Worse first, then better (the params name the data and the registry; the checkpoints carry
+    # their own settings): the tie on image AUROC goes to pixel AUROC, which promotes.
     first = record_run(patchcore_params(tiny_mvtec, {}, "up"), worse[0], worse[1], [], "v1.dir")
     up = record_run(patchcore_params(tiny_mvtec, {}, "up"), better[0], better[1], [], "v1.dir")
     assert first["promoted"] and up["promoted"] and up["decided_by"] == "pixel_auroc"
