@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     load_params(args.params, args.profile, overrides)  # a bad --set fails here, before Prefect starts
     result = pipeline(args.params, args.profile, overrides=overrides)
     decision = result["decision"]
-    shown = {k: v for k, v in result["metrics"].items() if k not in ("test_set_sha256",)}
+    shown = {k: v for k, v in result["metrics"].items() if k not in ("test_set_sha256", "model_fingerprint")}
     print(_table({**shown, "num_train_images": result["num_train_images"],
                   "data_version": str(result["data_version"]), "registered version": str(decision["version"]),
                   "promoted": str(decision["promoted"])}))

@@ -226,23 +226,39 @@ class EvaluateConfig:
         fraction(self, "evaluate", "contamination", top_open=True)
 
 
+GateMetric = Literal["image_auroc", "pixel_auroc", "aupro", "f1_max", "pixel_f1_max", "frame_auc"]
+
+
 @dataclass(frozen=True)
 class RegisterConfig:
     """Model registry: where runs go and when a new model replaces the champion."""
 
     experiment: str = "anomaly-detection"
     model_name: str | None = None  # None: "<method>-<dataset>-<category or normal class>"
-    # Gate: the challenger becomes champion only if strictly better on this metric, on the same
-    # test set (ties keep the champion); the first model registered becomes champion.
+    model_name_suffix: str = ""  # appended to the name: smoke profiles register apart ("-smoke")
+    # Gate (anomaly_models/gate.py), on the same test split and data version: the challenger becomes
+    # champion when it beats the champion by more than `min_improvement` on the gate metric; when
+    # the two are within it (a tie, e.g. both at image AUROC 1.0) the tie_break metrics decide in
+    # order, the same way; tied on all, the champion stays. The first model registered is champion.
     # frame_auc: video data only, the official per-video normalised frame-level AUC
-    gate_metric: Literal["image_auroc", "pixel_auroc", "aupro", "f1_max", "pixel_f1_max", "frame_auc"] = \
-        "image_auroc"
+    gate_metric: GateMetric = "image_auroc"
+    tie_break: tuple[GateMetric, ...] = ("pixel_auroc", "aupro")
+    min_improvement: float = 0.001
 
     def __post_init__(self):
         for key in ("experiment", "model_name"):  # what MLflow would refuse, or read as another URI
             value = getattr(self, key)
             if value is not None and (not value.strip() or any(c in value for c in "/@")):
                 raise ConfigError(f"register.{key}: {value!r} is not a usable name (non-empty, without / or @)")
+        if any(c in self.model_name_suffix for c in "/@") or self.model_name_suffix != self.model_name_suffix.strip():
+            raise ConfigError(f"register.model_name_suffix: {self.model_name_suffix!r} is not usable in a "
+                              "model name (no spaces at the ends, no / or @)")
+        if self.gate_metric in self.tie_break:
+            raise ConfigError(f"register.tie_break: {self.gate_metric!r} is the gate metric itself "
+                              "(list only the metrics that decide a tie on it)")
+        if len(set(self.tie_break)) != len(self.tie_break):
+            raise ConfigError(f"register.tie_break: {list(self.tie_break)} names a metric twice")
+        fraction(self, "register", "min_improvement", top_open=True)
 
 
 @dataclass(frozen=True)
@@ -252,6 +268,9 @@ class RetrainConfig:
     inbox: str = "data/inbox"  # drop new normal images here; the retrain flow picks them up
     pipeline_cron: str = "0 3 * * 1"  # full pipeline: Mondays 03:00
     retrain_interval_minutes: int = 60  # how often the retrain flow looks into the inbox
+    # Score each new image with the registered champion first: one at or above its threshold is
+    # anomalous and goes to the inbox's rejected/ (score and threshold in reasons.json)
+    screen_with_champion: bool = True
 
     def __post_init__(self):
         at_least(self, "retrain", retrain_interval_minutes=1)
@@ -351,7 +370,8 @@ class Params:
     pretrain: PretrainConfig = PretrainConfig()
 
     def registered_name(self) -> str:
-        return self.register.model_name or f"{self.model.method}-{self.data.dataset}-{self.data.subject}"
+        name = self.register.model_name or f"{self.model.method}-{self.data.dataset}-{self.data.subject}"
+        return name + self.register.model_name_suffix
 
 
 PROFILE_KEY = "profile"  # params.yaml's top-level choice of profile: a value DVC tracks

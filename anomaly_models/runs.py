@@ -170,6 +170,7 @@ def evaluate_model(
         method=model.name, dataset=data.dataset, subject=data.subject,
         num_test_images=len(test_set), images_per_second=len(test_set) / seconds,
         test_set_sha256=content_hash(test_set.scored_records),
+        model_fingerprint=model.fingerprint(),  # with the test split's hash: the gate's evidence
     )
     if out:
         atomic_write_text(out, json.dumps(metrics, indent=2) + "\n")

@@ -3,7 +3,8 @@
     python -m flows.retrain [--params params.yaml] [--profile test] [--workdir .]
 
 Looks into the inbox (`retrain.inbox`); with nothing there it says so and stops. Otherwise it
-validates the new images and adds the good ones to the training images of the project's
+validates the new images, has the registered champion score them (one at or above its threshold is
+rejected as anomalous; `retrain.screen_with_champion`) and adds the good ones to the training images of the project's
 DVC-tracked `data/<dataset>` and records that as a new DVC data version, all or nothing
 (anomaly_models/data/inbox.py: an ingest killed midway is undone first), then runs the pipeline,
 which retrains, evaluates on the SAME fixed test split and registers the result as challenger; the
@@ -26,6 +27,7 @@ from anomaly_models.errors import AnomalyError, ConfigError
 from flows.pipeline import run_pipeline
 from tasks import steps
 from tasks.prefect_runs import RUN_HOOKS, flow_run_namer
+from tasks.screening import screen_inbox
 from tasks.summary import publish_run_summary
 
 
@@ -42,7 +44,8 @@ def retrain(params_file: str = "params.yaml", profile: str | None = None, workdi
     params = steps.download(params, work)  # the images go into data/<dataset>, which every door reads
     before = steps.prepare(params, work / "data" / "manifest.json")
     known = {entry["sha256"] for files in before["splits"].values() for entry in files}
-    report = steps.ingest(params, inbox, known, work)
+    screened = screen_inbox(params, inbox)  # the champion's verdict on each image (retrain.screen_with_champion)
+    report = steps.ingest(params, inbox, known, work, screened)
     rejected = {**quarantined, **report.rejected}
     if not report.accepted:
         return {"status": "nothing accepted", "rejected": rejected}

@@ -33,6 +33,17 @@ SIGNATURE = ModelSignature(
                     ColSpec("double", "normalized_score", required=False)]),
     params=ParamSchema([ParamSpec("return_maps", "boolean", False)]),
 )
+EXAMPLE_IMAGE_SIZE = 32  # pixels: the input example shows the request format; the model resizes any size
+
+
+def input_example() -> pd.DataFrame:
+    """The logged input example: one row holding a small grey PNG, base64-encoded (a few hundred
+    bytes in the model's files; `mlflow models predict` and the UI show the request format)."""
+    png = io.BytesIO()
+    Image.new("RGB", (EXAMPLE_IMAGE_SIZE, EXAMPLE_IMAGE_SIZE), (128, 128, 128)).save(png, format="PNG")
+    return pd.DataFrame({"image": [base64.b64encode(png.getvalue()).decode()]})
+
+
 # What the library (logged with the model as code) imports; pinned to the versions it was logged with.
 LIBRARY_REQUIREMENTS = (
     "torch", "torchvision", "numpy", "scipy", "scikit-learn", "pillow", "pandas", "pyyaml", "tqdm",

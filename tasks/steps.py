@@ -92,11 +92,14 @@ def track(params: Params, checkpoint: Path, metrics: dict, files: list[str], dat
 
 
 @task(name="ingest")
-def ingest(params: Params, inbox: Path, known_hashes: set[str], workdir: Path) -> InboxReport:
+def ingest(params: Params, inbox: Path, known_hashes: set[str], workdir: Path,
+           screened: dict[str, str | None] | None = None) -> InboxReport:
     """Validate new normal images, move them into the training folder (rejects kept aside) and
-    record that as a DVC version, all or nothing: a failure anywhere puts every file back."""
+    record that as a DVC version, all or nothing: a failure anywhere puts every file back.
+    `screened`: the champion's verdicts (tasks/screening.py), None when not screened."""
     report = ingest_inbox(inbox, params.data, known_hashes,
-                          commit=lambda: commit_data_version(workdir, data_folder(params, workdir)))
+                          commit=lambda: commit_data_version(workdir, data_folder(params, workdir)),
+                          screened=screened)
     for name, reason in report.rejected.items():
         print(f"rejected {name}: {reason}")
     print(f"{len(report.accepted)} new normal image(s) added, {len(report.rejected)} rejected")

@@ -22,6 +22,7 @@ DEFAULT_STORE = Path("mlruns")
 PARAMS_PER_BATCH = 100  # MLflow's limits for one log_batch call
 METRICS_PER_BATCH = 1000
 TEST_SET_TAG = "test_set_sha256"  # also the key in the evaluation metrics (anomaly_models.runs)
+DATA_VERSION_TAG = "dvc_data_version"  # DVC's md5 of data/<dataset>, or "none (...)" outside DVC
 
 
 def configure(experiment: str) -> str:
@@ -107,19 +108,24 @@ def start_run(params, data_hash: str, run_name: str | None = None, tags: dict | 
 def record_run(
     params, checkpoint: Path, metrics: dict, files: list[Path], data_version: str | None,
     train_skipped: bool | None = None, run_name: str | None = None,
+    metrics_source: str = "the evaluation metrics",
 ) -> dict:
     """The one MLflow record of a trained, evaluated model, for every door (the Prefect flow's
     track step and the DVC `register` stage): params, code and data versions, history, threshold,
-    metrics, evaluation files and report, the model and the registry gate's decision.
+    metrics, evaluation files and report, the datasets, the model and the registry gate's decision.
 
-    `data_version` is DVC's md5 of the data folder; `train_skipped` None (DVC, which skips stages
-    itself) means: this checkpoint file was already recorded by an earlier run.
+    `metrics` must be this checkpoint's on the current test split (their model_fingerprint and
+    test_set_sha256 are checked before anything is logged; `metrics_source` names them in the
+    refusal). `data_version` is DVC's md5 of the data folder; `train_skipped` None (DVC, which
+    skips stages itself) means: this checkpoint file was already recorded by an earlier run.
     """
     from anomaly_models import load_model
     from anomaly_models.files import file_sha256
+    from anomaly_models.gate import check_evidence
     from tasks.registry import register_model_version
 
     model = load_model(checkpoint)
+    check_evidence(model, params.data, metrics, metrics_source)  # before any run or version exists
     checkpoint_sha = file_sha256(checkpoint)
     experiment_id = configure(params.register.experiment)
     if train_skipped is None:
@@ -128,7 +134,7 @@ def record_run(
         train_skipped = bool(earlier)
     run_name = unique_run_name(run_name or params.registered_name())
     run_id = start_run(params, model.metadata.get("data_hash") or "unknown", run_name, tags={
-        "dvc_data_version": data_version or "none (not a DVC project)",
+        DATA_VERSION_TAG: data_version or "none (not a DVC project)",
         "model_fingerprint": model.fingerprint(), "checkpoint_sha256": checkpoint_sha,
         "train_skipped": str(train_skipped).lower(),
     })
@@ -140,6 +146,7 @@ def record_run(
         extra = [Metric("num_train_images", float(count), _milliseconds(), 0)] if count is not None else []
         client.log_batch(run_id, params=threshold, metrics=extra)
         log_evaluation(run_id, metrics, files)
+        log_datasets(run_id, params, model.metadata.get("data_hash"), data_version, metrics.get(TEST_SET_TAG))
         decision = register_model_version(params, checkpoint, metrics, run_id, model.fingerprint())
         client.log_text(run_id, json.dumps(decision, indent=2), "register_decision.json")
     except BaseException:
@@ -147,6 +154,25 @@ def record_run(
         raise
     client.set_terminated(run_id, "FINISHED")
     return {"run_id": run_id, **decision}
+
+
+def log_datasets(run_id: str, params, data_hash: str | None, data_version: str | None,
+                 test_set: str | None) -> None:
+    """The run's inputs as MLflow datasets (the run page's "Datasets used"): the training images and
+    the test split, named by dataset and subject, sourced from the data folder, with the content
+    hashes as digests (the manifest's data hash, the test split's hash) and the DVC data version."""
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+
+    from anomaly_models.data import data_root
+
+    source = LocalArtifactDatasetSource(str(Path(data_root(params.data)).resolve()))
+    with mlflow.start_run(run_id=run_id):
+        for split, context, digest in (("train", "training", data_hash), ("test", "testing", test_set)):
+            if digest:  # MLflow keeps 36 characters of a digest; the tag holds all of it
+                dataset = MetaDataset(source, f"{params.data.dataset}-{params.data.subject}-{split}", digest[:36])
+                mlflow.log_input(dataset, context, tags={
+                    DATA_VERSION_TAG: data_version or "none (not a DVC project)", "sha256": digest})
 
 
 def log_history(run_id: str, history: list[dict], train_seconds: float | None) -> None:

@@ -30,7 +30,7 @@ from tasks.registry import register_model_version
 from tasks.tracking import start_run
 
 REPO = Path(__file__).resolve().parents[1]
-NAME = "ae-mvtec-bottle"
+NAME = "ae-mvtec-bottle-smoke"  # the test profile registers smoke runs apart from the real model
 
 
 def write_params(folder: Path, mvtec_root: Path, **overrides) -> Path:
@@ -206,7 +206,7 @@ def test_dvc_repro_experiments_metrics_and_pull(tmp_path, mvtec_root):
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     data_md5 = lock["stages"]["download"]["outs"][0]["md5"]
     mlflow.set_tracking_uri(store)
-    record = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("anomaly-detection").experiment_id])[0]
+    record = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("anomaly-detection-smoke").experiment_id])[0]
     assert record.data.tags["dvc_data_version"] == data_md5 and record.data.metrics["num_train_images"] == 188
     artifacts = {a.path for a in MlflowClient().list_artifacts(record.info.run_id, "evaluation")}
     assert {"evaluation/report.html", "evaluation/histogram.png"} <= artifacts

@@ -72,6 +72,9 @@ def test_served_model_answers_like_the_library_and_rejects_bad_requests(register
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}@champion", dst_path=str(tmp_path / "m")))
     assert (local / "code" / "anomaly_models" / "base.py").is_file()
     assert "torch==" in (local / "requirements.txt").read_text()
+    # Logged with its signature and an input example, which a client can send as it is.
+    assert mlflow.models.get_model_info(f"models:/{NAME}@champion").signature.inputs.input_names() == ["image"]
+    example = json.loads((local / "serving_input_example.json").read_text())
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     port = _free_port()
@@ -97,6 +100,8 @@ def test_served_model_answers_like_the_library_and_rejects_bad_requests(register
         scores = [row["score"] for row in body["predictions"]]
         np.testing.assert_allclose(scores, expected.numpy(), atol=1e-5)
         assert all("label" in row and 0 <= row["normalized_score"] <= 1 for row in body["predictions"])
+        status, body = _post(f"{base}/invocations", example)
+        assert status == 200 and len(body["predictions"]) == 1, body
 
         for bad in ([["aGVsbG8="]], []):  # base64 of b"hello"; an empty batch
             status, body = _post(f"{base}/invocations", {"dataframe_split": {"columns": ["image"], "data": bad}})

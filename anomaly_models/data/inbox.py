@@ -22,7 +22,7 @@ import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from anomaly_models.config import DataConfig
 from anomaly_models.data import data_root
@@ -49,9 +49,14 @@ def normal_train_folder(config: DataConfig) -> Path:
 
 
 def ingest_inbox(inbox: str | Path, config: DataConfig, known_hashes: set[str],
-                 commit: Callable[[], Any] = lambda: None) -> InboxReport:
+                 commit: Callable[[], Any] = lambda: None,
+                 screened: Mapping[str, str | None] | None = None) -> InboxReport:
     """Validate every image in `inbox`, move each into the training folder or to rejected/, and
-    `commit` (version) the result; on any failure every file goes back where it was."""
+    `commit` (version) the result; on any failure every file goes back where it was.
+
+    `screened` ({sha256: reason to reject, or None}, anomaly_models/screening.py): a valid image
+    it gives a reason for is rejected with it, and one it does not know (arrived after the
+    screening) stays in the inbox for the next ingest."""
     inbox = Path(inbox)
     report = InboxReport(rejected=recover_inbox(inbox))
     if not inbox.is_dir():
@@ -68,6 +73,10 @@ def ingest_inbox(inbox: str | Path, config: DataConfig, known_hashes: set[str],
         reason, digest = _verify(path, reference, seen)
         if reason is None and (target / f"inbox_{digest[:16]}{path.suffix.lower()}").exists():
             reason = "duplicate of an image already in the training folder"
+        if reason is None and screened is not None:
+            if digest not in screened:
+                continue
+            reason = screened[digest]
         if reason:
             destination = _unused(inbox / REJECTED, path.name, {d for _, d in moves})
             report.rejected[display_path(path.name)] = reason
