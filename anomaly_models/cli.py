@@ -19,7 +19,9 @@ from typing import Any
 
 import yaml
 
-from anomaly_models.config import ModelConfig, Params, deep_merge, load_params, params_from_dict, to_dict
+from anomaly_models.config import (
+    ModelConfig, Params, deep_merge, folder_name, load_params, params_from_dict, to_dict,
+)
 from anomaly_models.data.common import check_folder
 from anomaly_models.errors import AnomalyError, ConfigError
 from anomaly_models.files import atomic_write_text, check_writable
@@ -271,6 +273,8 @@ def download(args: argparse.Namespace) -> int:
     from anomaly_models.data import default_data_root
     from anomaly_models.data.download import copy_dataset, download_dataset, materialise_dataset
 
+    if args.category:  # a folder under --data-root: never a path that leads out of it
+        folder_name(args.category, "--category")
     if args.data_root:
         check_writable(args.data_root, "--data-root", folder=True)
     if args.params:  # the project's data folder for params.yaml's dataset (the DVC stage, the flow)
