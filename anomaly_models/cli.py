@@ -160,10 +160,11 @@ predict: anomaly predict --model models:/{result['model_name']}@champion --input
 
 
 def predict(args: argparse.Namespace) -> int:
-    from anomaly_models.predict import collect_inputs, predict_images
+    from anomaly_models.predict import check_output_folder, collect_inputs, predict_images
 
     inputs = collect_inputs(args.input)
     check_writable(args.out, "--out", folder=True)
+    check_output_folder(args.out, args.input, inputs, args.overwrite)
     model = _resolve_model(args.model)
     report = predict_images(model, inputs, args.out, args.batch_size, args.device,
                             overlay_format=args.overlay_format)
@@ -465,6 +466,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overlay-format", choices=["jpg", "png"], default="jpg",
                    help="heat-map overlays as JPEG (quality 95, ~10x faster to write) or lossless PNG; "
                         "masks are always PNG")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the predictions an earlier run wrote to --out (without it, a non-empty "
+                        "--out is refused)")
     p.set_defaults(handler=predict)
 
     p = commands.add_parser("report", help="evaluate and write a self-contained HTML report")
