@@ -27,6 +27,7 @@ from anomaly_models.errors import AnomalyError, ConfigError
 from anomaly_models.files import atomic_write_text, check_writable
 
 EXIT_BAD_INPUT = 2
+MLFLOW_URIS = ("models:/", "runs:/")  # a --model read from the MLflow registry or a run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout = open(os.devnull, "w")
         library_log.setLevel(logging.WARNING)
     try:
+        if getattr(args, "tracking", False) or str(getattr(args, "model", "")).startswith(MLFLOW_URIS):
+            from tasks.tracking import check_store
+
+            check_store()  # a damaged MLflow store: one line now, not hundreds after training
         return args.handler(args)
     except AnomalyError as error:
         return bad_input(error)
@@ -201,7 +206,7 @@ def _resolve_model(spec: str):
     """A checkpoint path, or an MLflow model URI such as models:/<name>@champion."""
     from anomaly_models import load_model
 
-    if spec.startswith(("models:/", "runs:/")):
+    if spec.startswith(MLFLOW_URIS):
         from tasks.registry import download_checkpoint
 
         return load_model(download_checkpoint(spec))
@@ -489,7 +494,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--plots", help="folder of evaluation plots to attach")
     p.add_argument("--out", help="JSON file for the gate decision")
     _add_data_flags(p)
-    p.set_defaults(handler=register)
+    p.set_defaults(tracking=True, handler=register)
 
     p = commands.add_parser("run", help="run the whole pipeline as a Prefect flow")
     p.add_argument("--params", default="params.yaml")
@@ -497,18 +502,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a setting: a params.yaml path (train.epochs=2) or a hyper-parameter of the "
                    "method (latent_channels=32); repeatable")
-    p.set_defaults(handler=run, starts_flow=True)
+    p.set_defaults(tracking=True, handler=run, starts_flow=True)
 
     p = commands.add_parser("sweep", help="train + evaluate every cell of `sweep:` on Dask; leaderboard")
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--profile")
-    p.set_defaults(handler=sweep, starts_flow=True)
+    p.set_defaults(tracking=True, handler=sweep, starts_flow=True)
 
     p = commands.add_parser("leaderboard", help="rebuild the latest sweep's leaderboard from MLflow")
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--profile")
     p.add_argument("--out", default="leaderboard", help="folder for the leaderboard files")
-    p.set_defaults(handler=leaderboard)
+    p.set_defaults(tracking=True, handler=leaderboard)
 
     p = commands.add_parser("download", help="fetch a dataset from its official source (checksummed), or "
                             "fill the project's data folder for --params")
