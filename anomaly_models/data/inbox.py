@@ -190,6 +190,16 @@ def _real(path: Path) -> str:
     return os.path.realpath(path)
 
 
+def check_inbox_state(inbox: str | Path) -> None:
+    """What an ingest of `inbox` would refuse, checked before any work (a flow reports it as one
+    line): a journal naming paths outside the inbox and training folder, a rejected/ that is not a
+    real folder."""
+    inbox = Path(inbox)
+    if journal_path(inbox).is_file():
+        _journal_moves(journal_path(inbox), inbox, None)
+    _check_rejected_folder(inbox)
+
+
 def _check_rejected_folder(inbox: Path) -> None:
     """rejected/ is written to: a link (or a file) in its place could send rejects anywhere."""
     rejected = inbox / REJECTED
