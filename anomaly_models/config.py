@@ -393,14 +393,14 @@ def load_params(
     raw.pop(PROFILE_KEY, None)
     if profile and profile not in profiles:
         raise ConfigError(f"{path}: unknown profile {profile!r} (defined: {', '.join(profiles) or 'none'})")
-    if profile:  # without one, the base settings are the ones validated below
+    active = deep_merge(deep_merge(raw, profiles[profile]) if profile else raw, overrides or {})
+    params = params_from_dict(active, str(path))  # the settings in effect first, then the rest
+    if profile:
         params_from_dict(raw, f"{path} (base settings, without a profile)")
     for name, settings in profiles.items():
         if name != profile:
             params_from_dict(deep_merge(raw, settings), f"{path} (profile {name})")
-    if profile:
-        raw = deep_merge(raw, profiles[profile])
-    return params_from_dict(deep_merge(raw, overrides or {}), str(path))
+    return params
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -423,8 +423,10 @@ def read_yaml(path: Path) -> Any:
         return yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except FileNotFoundError:
         raise ConfigError(f"params file not found: {path}") from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{path}: cannot read it ({error})") from None
+    except (IsADirectoryError, PermissionError) as error:
+        raise ConfigError(f"{path}: cannot read it ({error.strerror})") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: cannot read it (not UTF-8 text: {error.reason} at byte {error.start})") from None
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from None
     except yaml.YAMLError as error:  # its message spans lines; the line and the problem are enough
