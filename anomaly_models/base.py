@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from anomaly_models.config import Params, TrainConfig, from_dict, to_dict
-from anomaly_models.errors import CheckpointError, ConfigError
+from anomaly_models.errors import AnomalyError, CheckpointError, ConfigError
 from anomaly_models.files import atomic_torch_save, read_torch_file, weights_file_sha256
 from anomaly_models.training import EpochCheckpoint
 from anomaly_models.transforms import Preprocessing
@@ -226,7 +226,12 @@ def load_model(path: str | Path) -> AnomalyModel:
         raise CheckpointError(
             f"{path} holds method {method!r}, which is not available ({', '.join(available_models())})"
         )
-    return MODELS[method].from_checkpoint(checkpoint)
+    try:
+        return MODELS[method].from_checkpoint(checkpoint)
+    except (AnomalyError, KeyError, TypeError, ValueError, RuntimeError) as error:  # torch: many lines
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{path} does not hold a usable {method} model ({first}): damaged, or "
+                              "labelled with another method than the one that wrote it") from None
 
 
 def model_from_params(params: Params) -> AnomalyModel:

@@ -19,12 +19,15 @@ from typing import Any
 
 import yaml
 
-from anomaly_models.config import ModelConfig, Params, deep_merge, load_params, params_from_dict, to_dict
+from anomaly_models.config import (
+    ModelConfig, Params, deep_merge, folder_name, load_params, params_from_dict, to_dict,
+)
 from anomaly_models.data.common import check_folder
 from anomaly_models.errors import AnomalyError, ConfigError
 from anomaly_models.files import atomic_write_text, check_writable
 
 EXIT_BAD_INPUT = 2
+MLFLOW_URIS = ("models:/", "runs:/")  # a --model read from the MLflow registry or a run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout = open(os.devnull, "w")
         library_log.setLevel(logging.WARNING)
     try:
+        if getattr(args, "tracking", False) or str(getattr(args, "model", "")).startswith(MLFLOW_URIS):
+            from tasks.tracking import check_store
+
+            check_store()  # a damaged MLflow store: one line now, not hundreds after training
         return args.handler(args)
     except AnomalyError as error:
         return bad_input(error)
@@ -158,10 +165,11 @@ predict: anomaly predict --model models:/{result['model_name']}@champion --input
 
 
 def predict(args: argparse.Namespace) -> int:
-    from anomaly_models.predict import collect_inputs, predict_images
+    from anomaly_models.predict import check_output_folder, collect_inputs, predict_images
 
     inputs = collect_inputs(args.input)
     check_writable(args.out, "--out", folder=True)
+    check_output_folder(args.out, args.input, inputs, args.overwrite)
     model = _resolve_model(args.model)
     report = predict_images(model, inputs, args.out, args.batch_size, args.device,
                             overlay_format=args.overlay_format)
@@ -198,7 +206,7 @@ def _resolve_model(spec: str):
     """A checkpoint path, or an MLflow model URI such as models:/<name>@champion."""
     from anomaly_models import load_model
 
-    if spec.startswith(("models:/", "runs:/")):
+    if spec.startswith(MLFLOW_URIS):
         from tasks.registry import download_checkpoint
 
         return load_model(download_checkpoint(spec))
@@ -271,6 +279,8 @@ def download(args: argparse.Namespace) -> int:
     from anomaly_models.data import default_data_root
     from anomaly_models.data.download import copy_dataset, download_dataset, materialise_dataset
 
+    if args.category:  # a folder under --data-root: never a path that leads out of it
+        folder_name(args.category, "--category")
     if args.data_root:
         check_writable(args.data_root, "--data-root", folder=True)
     if args.params:  # the project's data folder for params.yaml's dataset (the DVC stage, the flow)
@@ -461,6 +471,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overlay-format", choices=["jpg", "png"], default="jpg",
                    help="heat-map overlays as JPEG (quality 95, ~10x faster to write) or lossless PNG; "
                         "masks are always PNG")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the predictions an earlier run wrote to --out (without it, a non-empty "
+                        "--out is refused)")
     p.set_defaults(handler=predict)
 
     p = commands.add_parser("report", help="evaluate and write a self-contained HTML report")
@@ -481,7 +494,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--plots", help="folder of evaluation plots to attach")
     p.add_argument("--out", help="JSON file for the gate decision")
     _add_data_flags(p)
-    p.set_defaults(handler=register)
+    p.set_defaults(tracking=True, handler=register)
 
     p = commands.add_parser("run", help="run the whole pipeline as a Prefect flow")
     p.add_argument("--params", default="params.yaml")
@@ -489,18 +502,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a setting: a params.yaml path (train.epochs=2) or a hyper-parameter of the "
                    "method (latent_channels=32); repeatable")
-    p.set_defaults(handler=run, starts_flow=True)
+    p.set_defaults(tracking=True, handler=run, starts_flow=True)
 
     p = commands.add_parser("sweep", help="train + evaluate every cell of `sweep:` on Dask; leaderboard")
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--profile")
-    p.set_defaults(handler=sweep, starts_flow=True)
+    p.set_defaults(tracking=True, handler=sweep, starts_flow=True)
 
     p = commands.add_parser("leaderboard", help="rebuild the latest sweep's leaderboard from MLflow")
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--profile")
     p.add_argument("--out", default="leaderboard", help="folder for the leaderboard files")
-    p.set_defaults(handler=leaderboard)
+    p.set_defaults(tracking=True, handler=leaderboard)
 
     p = commands.add_parser("download", help="fetch a dataset from its official source (checksummed), or "
                             "fill the project's data folder for --params")

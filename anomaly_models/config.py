@@ -8,6 +8,7 @@ dataclass and rejects unknown keys and values of the wrong type with the key's f
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -82,6 +83,8 @@ class DataConfig:
     clip_stride_test: int = 1
 
     def __post_init__(self):
+        for key in ("category", "normal_class", "video_set"):  # each names a folder under data.root
+            folder_name(getattr(self, key), f"data.{key}")
         at_least(self, "data", clip_stride_train=1, clip_stride_test=1)
         fraction(self, "data", "val_fraction", top_open=True)
         self.kind.check(self)
@@ -100,6 +103,15 @@ class DataConfig:
     def subject(self) -> str:
         """What a run is about: the MVTec category, the normal class, or the video dataset."""
         return self.kind.subject(self)
+
+
+def folder_name(value: str, key: str) -> str:
+    """A setting that names one folder under another (a category, a class): a plain name, so that
+    data is never read from or copied to anywhere outside the folder the user named."""
+    if (not value.strip() or value in (".", "..") or any(c in value for c in "/\\\0")
+            or Path(value).is_absolute()):
+        raise ConfigError(f"{key}: {value!r} is not a plain folder name (no /, \\ or .., not absolute)")
+    return value
 
 
 def check_method_dataset(method: str, dataset: str) -> None:
@@ -199,6 +211,8 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # NaN passes every range check (NaN <= 0 is false)
+            raise ConfigError(f"{path}: expected a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
@@ -297,6 +311,8 @@ class SweepConfig:
         for key in ("methods", "subjects", "seeds"):
             if not getattr(self, key):
                 raise ConfigError(f"sweep.{key}: the grid needs at least one value")
+        for subject in self.subjects:
+            folder_name(subject, "sweep.subjects")
         at_least(self, "sweep", n_workers=1, threads_per_worker=1, retries=0)
 
 
@@ -381,26 +397,62 @@ def load_params(
     path: str | Path, profile: str | None = None, overrides: Mapping[str, Any] | None = None,
 ) -> Params:
     """Read params.yaml, overlay `profiles.<profile>` (the argument, else the file's own `profile:`
-    key) and then `overrides` (nested, e.g. {"train": {"epochs": 2}}) on it, and validate."""
+    key) and then `overrides` (nested, e.g. {"train": {"epochs": 2}}) on it, and validate.
+
+    The file is validated as a whole, not only the settings in effect: its base settings and every
+    profile, so a mistake a profile happens to override today is reported, not kept for later."""
     path = Path(path)
+    raw = read_yaml(path) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    profiles = raw.pop("profiles", None) or {}
+    if not isinstance(profiles, dict) or not all(isinstance(p, (dict, type(None))) for p in profiles.values()):
+        raise ConfigError(f"{path}: profiles: expected a mapping of profile name -> settings")
+    profiles = {name: settings or {} for name, settings in profiles.items()}
+    profile = profile or raw.pop(PROFILE_KEY, None)
+    raw.pop(PROFILE_KEY, None)
+    if profile and profile not in profiles:
+        raise ConfigError(f"{path}: unknown profile {profile!r} (defined: {', '.join(profiles) or 'none'})")
+    active = deep_merge(deep_merge(raw, profiles[profile]) if profile else raw, overrides or {})
+    params = params_from_dict(active, str(path))  # the settings in effect first, then the rest
+    if profile:
+        params_from_dict(raw, f"{path} (base settings, without a profile)")
+    for name, settings in profiles.items():
+        if name != profile:
+            params_from_dict(deep_merge(raw, settings), f"{path} (profile {name})")
+    return params
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise ConfigError(f"duplicate key {key!r} at line {key_node.start_mark.line + 1} "
+                                  f"(first at line {seen[key] + 1}): keep one")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file's content; missing, malformed or with a duplicated key: one line naming it."""
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        return yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except FileNotFoundError:
         raise ConfigError(f"params file not found: {path}") from None
+    except (IsADirectoryError, PermissionError) as error:
+        raise ConfigError(f"{path}: cannot read it ({error.strerror})") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: cannot read it (not UTF-8 text: {error.reason} at byte {error.start})") from None
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
     except yaml.YAMLError as error:  # its message spans lines; the line and the problem are enough
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{path} is not valid YAML{where}: {getattr(error, 'problem', None) or error}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    profiles = raw.pop("profiles", None) or {}
-    profile = profile or raw.pop(PROFILE_KEY, None)
-    raw.pop(PROFILE_KEY, None)
-    if profile:
-        if profile not in profiles:
-            raise ConfigError(f"{path}: unknown profile {profile!r} (defined: {', '.join(profiles) or 'none'})")
-        raw = deep_merge(raw, profiles[profile])
-    return params_from_dict(deep_merge(raw, overrides or {}), str(path))
 
 
 def params_from_dict(raw: Mapping[str, Any], source: str = "params") -> Params:

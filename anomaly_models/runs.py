@@ -22,7 +22,7 @@ from anomaly_models.config import (
     DataConfig, Params, TrainConfig, check_method_dataset, params_to_dict,
 )
 from anomaly_models.data import RecordDataset, build_dataset
-from anomaly_models.data.prepare import content_hash
+from anomaly_models.data.prepare import check_images, content_hash, data_hash as hash_of_data
 from anomaly_models.distributed import (
     is_main_process, launch, launched_by_torchrun, per_process_batch, process_group, rank, world_size,
 )
@@ -61,8 +61,8 @@ def train_model(
     """
     out = Path(out)
     model = model_from_params(params)
-    if data_hash:
-        model.metadata["data_hash"] = data_hash
+    # The data is part of "up to date": without a manifest's hash, the images' own (same value).
+    model.metadata["data_hash"] = data_hash = data_hash or hash_of_data(params.data)
     if resume and _same_finished_model(out, model):
         return TrainResult(load_model(out), out, 0.0, skipped=True)
     if model.train_config.devices > 1 and not launched_by_torchrun():
@@ -77,6 +77,9 @@ def _fit_and_save(model: AnomalyModel, params: Params, out: Path, resume: bool) 
         model.epoch_checkpoint = progress
     train_set = model_dataset(model, params.data, "train")
     val_set = model_dataset(model, params.data, "val")
+    if params.data.on_bad_image == "error":  # every image, before any epoch ("skip" decoded them all)
+        for split, dataset in (("train", train_set), ("val", val_set)):
+            check_images(dataset, split)
     t = model.train_config
     train_loader = training_loader(train_set, t)
     val_loader = DataLoader(val_set, batch_size=t.batch_size, num_workers=t.num_workers)

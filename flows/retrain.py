@@ -22,7 +22,7 @@ from prefect import flow
 from anomaly_models.cli import EXIT_BAD_INPUT, bad_input
 from anomaly_models.config import load_params
 from anomaly_models.data.common import list_images
-from anomaly_models.data.inbox import recover_inbox
+from anomaly_models.data.inbox import check_inbox_state, recover_inbox
 from anomaly_models.errors import AnomalyError, ConfigError
 from flows.pipeline import run_pipeline
 from tasks import steps
@@ -59,6 +59,7 @@ def check_inbox(inbox: Path) -> Path:
     """The inbox folder (it need not exist yet); a file in its place is refused, naming the key."""
     if inbox.exists() and not inbox.is_dir():
         raise ConfigError(f"retrain.inbox: {inbox} is a file, not a folder")
+    check_inbox_state(inbox)  # a journal naming paths outside it, a linked rejected/: one line, before the flow
     return inbox
 
 

@@ -57,5 +57,13 @@ def data_version(workdir: Path, data_dir: Path) -> str | None:
 
 
 def _relative(workdir: Path, data_dir: Path) -> str:
+    """`data_dir` relative to the project folder; a folder outside it (DVC versions only what lies
+    inside) is one line naming both."""
+    from anomaly_models.errors import ConfigError
+
     data_dir = Path(data_dir)
-    return str((data_dir if data_dir.is_absolute() else workdir / data_dir).resolve().relative_to(workdir))
+    resolved = (data_dir if data_dir.is_absolute() else workdir / data_dir).resolve()
+    if not resolved.is_relative_to(workdir):
+        raise ConfigError(f"data folder {data_dir} is outside the project folder {workdir}: DVC versions "
+                          "only data inside it (pass --data-root data/<dataset>, or run from the project)")
+    return str(resolved.relative_to(workdir))

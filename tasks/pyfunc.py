@@ -90,7 +90,11 @@ def _decode(item, index: int) -> Image.Image:
                 raise DataError(f"row {index}: not base64") from None
         if isinstance(item, (bytes, bytearray)):
             return load_image(io.BytesIO(item), f"row {index}")
-        return _array_image(np.asarray(item), index)
+        try:
+            pixels = np.asarray(item)
+        except ValueError:  # a ragged nested list
+            raise DataError(f"row {index}: not an image array (rows of unequal length)") from None
+        return _array_image(pixels, index)
     except DataError as error:
         raise _bad_request(str(error)) from None
 
@@ -103,6 +107,8 @@ def _array_image(pixels: np.ndarray, index: int) -> Image.Image:
     if pixels.dtype.kind not in "ui" or pixels.ndim not in (2, 3) or (pixels.ndim == 3 and pixels.shape[2] not in (3, 4)):
         raise DataError(f"row {index}: expected an HxW or HxWxC (C 1, 3 or 4) array of 0..255 integers, "
                         f"got {pixels.dtype} of shape {pixels.shape}")
+    if pixels.shape[0] * pixels.shape[1] == 0:
+        raise DataError(f"row {index}: empty image (shape {pixels.shape})")
     if pixels.shape[0] * pixels.shape[1] > MAX_IMAGE_PIXELS:
         raise DataError(f"row {index}: image is above the limit of {MAX_IMAGE_PIXELS} pixels")
     if pixels.size and (pixels.min() < 0 or pixels.max() > 255):

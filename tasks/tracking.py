@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import closing
 import subprocess
 import time
 from pathlib import Path
@@ -47,6 +48,30 @@ def configure_uri() -> str:
         uri = f"sqlite:///{(DEFAULT_STORE / 'mlflow.db').resolve()}"
     mlflow.set_tracking_uri(uri)
     return uri
+
+
+def check_store() -> None:
+    """Fail with one line naming the file when the configured sqlite store (mlruns/mlflow.db by
+    default) is not a readable database, before any work: MLflow's own error is hundreds of lines,
+    and comes only after training. Other stores (a server, a folder) are left to MLflow."""
+    import sqlite3
+
+    from anomaly_models.errors import ConfigError
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_STORE / 'mlflow.db'}"
+    if not uri.startswith("sqlite:///"):
+        return
+    path = Path(uri.removeprefix("sqlite:///"))
+    if not path.exists():
+        return  # a new store: MLflow creates it
+    try:
+        with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            state = db.execute("PRAGMA quick_check").fetchone()[0]
+    except sqlite3.Error as error:
+        state = str(error)
+    if state != "ok":
+        raise ConfigError(f"MLflow store {path} is damaged ({state}): restore it from a backup, or move it "
+                          "aside to start a new one (MLFLOW_TRACKING_URI picks another)")
 
 
 def flatten(prefix: str, value: Any) -> dict[str, Any]:

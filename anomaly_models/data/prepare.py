@@ -30,17 +30,34 @@ def build_manifest(config: DataConfig) -> dict[str, Any]:
     strict = dataclasses.replace(config, on_bad_image="error", cache_images=False)  # list every file
     for split in SPLITS:
         dataset = build_dataset(strict, split, Preprocessing(image_size=8))
-        failures = dataset.unreadable()
-        if failures and config.on_bad_image == "error":
-            first = next(iter(failures.values()))
-            raise DataError(f"{len(failures)} unreadable file(s) in the {split} split, e.g. {first}")
+        failures = check_images(dataset, split, config.on_bad_image)
         manifest["skipped"].update({display_path(path): reason for path, reason in failures.items()})
         kept = [r for r in dataset.records if r.path not in failures]
-        manifest["splits"][split] = [
-            _entry(r) for r in tqdm(kept, desc=f"hash {split}", leave=False, disable=None)
-        ]
+        manifest["splits"][split] = _entries(tqdm(kept, desc=f"hash {split}", leave=False, disable=None))
     manifest["data_hash"] = manifest_hash(manifest)
     return manifest
+
+
+def check_images(dataset, split: str, on_bad_image: str = "error") -> dict[str, str]:
+    """Decode every image (and mask) of a split once: {path: reason} of the unreadable ones, or with
+    `on_bad_image` "error" a DataError counting them and naming the first. Training checks its
+    splits this way too, before the first epoch: a batch dropped at the end of an epoch is never
+    read, so a damaged image there would otherwise go unnoticed."""
+    failures = dataset.unreadable()
+    if failures and on_bad_image == "error":
+        first = next(iter(failures.values()))
+        raise DataError(f"{len(failures)} unreadable file(s) in the {split} split, e.g. {first}")
+    return failures
+
+
+def data_hash(config: DataConfig) -> str:
+    """The manifest's data_hash of `config`'s data, from the files' contents without decoding them
+    (equal to `anomaly prepare`'s when it skipped no image): what a model was trained on, for the
+    "up to date" check of a training run given no manifest."""
+    strict = dataclasses.replace(config, on_bad_image="error", cache_images=False)
+    splits = {split: _entries(build_dataset(strict, split, Preprocessing(image_size=8)).records)
+              for split in SPLITS}
+    return manifest_hash({"splits": splits})
 
 
 def manifest_hash(manifest: dict[str, Any]) -> str:
@@ -53,7 +70,7 @@ def manifest_hash(manifest: dict[str, Any]) -> str:
 def content_hash(records) -> str:
     """What a set of images is, wherever it lies (a DVC copy or the original folder): their
     contents, masks and labels. Two evaluations with equal hashes scored the same test set."""
-    return hashlib.sha256("\n".join(_content_lines(map(_entry, records))).encode()).hexdigest()
+    return hashlib.sha256("\n".join(_content_lines(_entries(records))).encode()).hexdigest()
 
 
 def _content_lines(entries) -> list[str]:
@@ -75,11 +92,21 @@ def _member(path: str) -> str:
     return path.split("#", 1)[1] if "#" in path else ""
 
 
-def _entry(record) -> dict[str, Any]:
-    source = record.path.split("#")[0]  # archive-backed images: hash the archive file
-    entry = {"path": record.path, "sha256": file_sha256(source), "label": record.label,
-             "defect_type": record.defect_type}
-    if record.mask_path:
-        entry["mask_sha256"] = file_sha256(record.mask_path)
-    return entry
+def _entries(records) -> list[dict[str, Any]]:
+    """One manifest entry per record; each file hashed once (archive-backed images share theirs)."""
+    digests: dict[str, str] = {}
+
+    def digest(path: str) -> str:
+        if path not in digests:
+            digests[path] = file_sha256(path)
+        return digests[path]
+
+    entries = []
+    for record in records:
+        entry = {"path": record.path, "sha256": digest(record.path.split("#")[0]), "label": record.label,
+                 "defect_type": record.defect_type}
+        if record.mask_path:
+            entry["mask_sha256"] = digest(record.mask_path)
+        entries.append(entry)
+    return entries
 
