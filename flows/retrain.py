@@ -19,12 +19,12 @@ from pathlib import Path
 from prefect import flow
 
 from anomaly_models.cli import EXIT_BAD_INPUT, bad_input
-from anomaly_models.config import load_params
+from anomaly_models.config import chosen_profile, load_params
 from anomaly_models.data.common import list_images
 from anomaly_models.data.inbox import recover_inbox
 from anomaly_models.errors import AnomalyError, ConfigError
-from flows.pipeline import run_pipeline
-from tasks import steps
+from flows.pipeline import described_by_file, run_pipeline
+from tasks import steps, workspace
 
 
 @flow(name="anomaly-retrain", log_prints=True)
@@ -38,13 +38,15 @@ def retrain(params_file: str = "params.yaml", profile: str | None = None, workdi
         return {"status": "empty", **({"rejected": quarantined} if quarantined else {})}
 
     params = steps.download(params, work)  # the images go into data/<dataset>, which every door reads
-    before = steps.prepare(params, work / "data" / "manifest.json")
+    run_id = workspace.current_run_id("retrain")
+    before = steps.prepare(params, workspace.run_folder(work, run_id) / "manifest-before.json")
     known = {entry["sha256"] for files in before["splits"].values() for entry in files}
     report = steps.ingest(params, inbox, known, work)
     rejected = {**quarantined, **report.rejected}
     if not report.accepted:
         return {"status": "nothing accepted", "rejected": rejected}
-    result = run_pipeline(params, work, run_name=f"retrain-{params.registered_name()}")
+    result = run_pipeline(params, work, run_id, chosen_profile(params_file, profile),
+                          described_by_file(params, params_file))
     return {"status": "retrained", "accepted": [str(p) for p in report.accepted], "rejected": rejected, **result}
 
 
