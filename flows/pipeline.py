@@ -52,6 +52,7 @@ def run_pipeline(params: Params, workdir: Path, run_id: str | None = None, profi
     run_dir = workspace.run_folder(workdir, run_id)
     params = steps.download(params, workdir)
     data_version, data_read_at = steps.version_data(params, workdir)
+    steps.tracking_store(params, workdir)
     manifest = steps.prepare(params, run_dir / workspace.RUN_MANIFEST)
     settings = steps.settings(params, run_dir / "settings.yaml", profile)
     record = {"run_id": run_id, "data_version": data_version, "data_hash": manifest["data_hash"],

@@ -47,7 +47,7 @@ def retrain(params_file: str = "params.yaml", profile: str | None = None, workdi
         return {"status": "nothing accepted", "rejected": rejected}
     result = run_pipeline(params, work, run_id, chosen_profile(params_file, profile),
                           described_by_file(params, params_file))
-    return {"status": "retrained", "accepted": [str(p) for p in report.accepted], "rejected": rejected, **result}
+    return {**result, "status": "retrained", "accepted": [str(p) for p in report.accepted], "rejected": rejected}
 
 
 def check_inbox(inbox: Path) -> Path:

@@ -28,7 +28,7 @@ from anomaly_models.pretrain import mark_disabled, pretrain_backbone
 from anomaly_models.runs import train_model, write_evaluation
 from tasks import workspace
 from tasks.dvc import commit_data_version
-from tasks.tracking import record_run
+from tasks.tracking import configure, record_run
 
 
 def data_folder(params: Params, workdir: Path) -> Path:
@@ -56,6 +56,14 @@ def version_data(params: Params, workdir: Path) -> tuple[str | None, float]:
     if version:
         print(f"data version {version} ({data_folder(params, workdir)})")
     return version, read_at
+
+
+@task(name="tracking-store")
+def tracking_store(params: Params, workdir: Path) -> None:
+    """Create the MLflow store and experiment if missing, under the workspace lock: runs starting
+    together on a fresh store would otherwise race to create its tables."""
+    with workspace.workspace_lock(workdir):
+        configure(params.register.experiment)
 
 
 @task(name="prepare")

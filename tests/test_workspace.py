@@ -49,6 +49,13 @@ def make_project(tmp_path: Path, mvtec_root: Path) -> tuple[Path, dict[str, str]
     return repo, env
 
 
+def own_prefect_home(tmp_path: Path) -> dict[str, str]:
+    """Without a Prefect server each process starts a temporary one: its own home (database), and
+    time to start while the others train on the same 2 cores (a deployment's runs share a server)."""
+    return {"PREFECT_HOME": tempfile.mkdtemp(prefix="prefect-home-", dir=tmp_path),
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300"}
+
+
 def command(repo: Path, env: dict, *args: str) -> str:
     result = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_SECONDS)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -61,7 +68,8 @@ def test_overlapping_runs_each_register_their_own_checkpoint(tmp_path, mvtec_roo
     runs/<run id>/, and each registered version's artifact is that run's checkpoint."""
     repo, env = make_project(tmp_path, mvtec_root)
     seeds = (0, 5, 9)  # seed 0 is params.yaml's own: that run may publish
-    started = [subprocess.Popen(["anomaly", "run", "--set", f"train.seed={seed}"], cwd=repo, env=env,
+    started = [subprocess.Popen(["anomaly", "run", "--set", f"train.seed={seed}"], cwd=repo,
+                                env={**env, **own_prefect_home(tmp_path)},
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for seed in seeds]
     outputs = [process.communicate(timeout=RUN_TIMEOUT_SECONDS)[0] for process in started]
     for process, output in zip(started, outputs):
