@@ -23,8 +23,6 @@ from prefect import flow
 from anomaly_models.config import Params, chosen_profile, effective_settings, load_params
 from tasks import steps, workspace
 
-PARAMS_FILE_NOTE = "the params file: the workspace holds what `dvc repro` of it makes"
-
 
 @flow(name="anomaly-pipeline", log_prints=True)
 def pipeline(
@@ -73,7 +71,8 @@ def run_pipeline(params: Params, workdir: Path, run_id: str | None = None, profi
     if as_file:
         published = steps.publish(params, workdir, run_dir, {**record, "mlflow_run_id": decision["run_id"]})
     else:
-        print(f"not published (--profile/--set differ from {PARAMS_FILE_NOTE}); its outputs stay in {run_dir}")
+        print(f"not published (--profile/--set go beyond the params file, and the workspace holds what "
+              f"`dvc repro` of it makes); its outputs stay in {run_dir}")
     return {"status": "trained", "run_id": decision["run_id"], "metrics": metrics, "decision": decision,
             "published": published, "report": str(run_dir / "plots" / "report.html"), **common}
 
