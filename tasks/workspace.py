@@ -175,9 +175,10 @@ def commit_stages(workdir: Path) -> None:
 
     with quiet_dvc(), chdir(workdir):
         repo = Repo(".")
-        missing = [str(out) for stage in repo.index.stages for out in stage.outs if not out.exists]
+        missing = sorted({str(item) for stage in repo.index.stages for item in [*stage.deps, *stage.outs]
+                          if not item.exists})
         if missing:
-            print(f"not recorded in dvc.lock (outputs missing: {', '.join(missing)}); `dvc repro` will make them")
+            print(f"not recorded in dvc.lock (missing: {', '.join(missing)}); `dvc repro` will make them")
             return
         repo.commit(None, force=True)
 
