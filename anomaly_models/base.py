@@ -40,6 +40,7 @@ class AnomalyModel(ABC):
     name: ClassVar[str]
     config_class: ClassVar[type]  # dataclass of the method's hyper-parameters
     reads: ClassVar[str] = "images"  # or "clips": the datasets it takes (DatasetKind.gives)
+    ignored_train_keys: ClassVar[tuple[str, ...]] = ()  # train.* keys the method never reads
 
     def __init__(
         self,

@@ -114,15 +114,16 @@ def evaluate(args: argparse.Namespace) -> int:
     if args.plots:  # everything a run records: curves, overlays, histogram, worst cases, report.html
         if not args.out:
             raise ConfigError("evaluate --plots needs --out (the metrics JSON the report is written with)")
-        result, _ = write_evaluation(model, params, args.out, args.plots, args.device or "auto")
+        result, _ = write_evaluation(model, params, args.out, args.plots, args.device or "auto", args.details)
     else:
-        result = evaluate_model(model, params, args.out, None, args.device or "auto")
+        result = evaluate_model(model, params, args.out, None, args.device or "auto", args.details)
     print(_table(result.metrics))
     return 0
 
 
 def register(args: argparse.Namespace) -> int:
     from anomaly_models import load_model
+    from anomaly_models.runs import details_path
     from tasks.registry import register_trained
 
     # Everything is checked before MLflow is touched: a bad input leaves no run and no version.
@@ -131,14 +132,28 @@ def register(args: argparse.Namespace) -> int:
     gate = params.register.gate_metric
     if _read_json(args.metrics, "--metrics").get(gate) is None:
         raise ConfigError(f"--metrics {args.metrics}: no value of {gate} (register.gate_metric) to gate on")
+    details = Path(args.details) if args.details else details_path(args.metrics)
+    if args.details or details.exists():  # what was measured: the gate checks the test set by it
+        _read_json(str(details), "--details")
     if args.plots:
         check_folder(Path(args.plots), "--plots folder")
     _check_outputs(args)
     files = sorted(p for p in Path(args.plots).glob("*") if p.is_file()) if args.plots else []
+    files = ([details] if details.is_file() else []) + files
     data_dir = Path(args.data_root) if args.data_root else None  # the DVC-tracked data: its version
-    decision = register_trained(params, Path(args.model), Path(args.metrics), files, data_dir)
+    decision = register_trained(params, Path(args.model), Path(args.metrics), files, data_dir, details)
     if args.out:
         atomic_write_text(args.out, json.dumps(decision, indent=2) + "\n")
+    return 0
+
+
+def settings(args: argparse.Namespace) -> int:
+    from anomaly_models.config import chosen_profile, settings_text
+
+    check_writable(args.out, "--out")
+    params = load_params(args.params, args.profile)
+    atomic_write_text(args.out, settings_text(params, chosen_profile(args.params, args.profile)))
+    print(f"wrote {args.out}")
     return 0
 
 
@@ -149,6 +164,10 @@ def run(args: argparse.Namespace) -> int:
     overrides = _settings(args.set, method)
     load_params(args.params, args.profile, overrides)  # a bad --set fails here, before Prefect starts
     result = pipeline(args.params, args.profile, overrides=overrides)
+    if result["status"] == "unchanged":  # the published run's model and numbers stand
+        print(f"nothing changed since run {result['same_as']} (data version, settings and code): "
+              "not trained, evaluated or logged again")
+        return 0
     decision = result["decision"]
     shown = {k: v for k, v in result["metrics"].items() if k not in ("test_set_sha256", "model_fingerprint")}
     print(_table({**shown, "num_train_images": result["num_train_images"],
@@ -156,6 +175,7 @@ def run(args: argparse.Namespace) -> int:
                   "promoted": str(decision["promoted"])}))
     store = os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlruns/mlflow.db")
     print(f"""
+run:     {result['run_dir']} ({'published to the workspace' if result['published'] else 'not published'})
 report:  {result['report']}
 runs:    mlflow ui --backend-store-uri {store}
 serve:   MLFLOW_TRACKING_URI={store} mlflow models serve -m models:/{result['model_name']}@champion \\
@@ -450,7 +470,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("evaluate", help="score the test split and write metrics.json")
     p.add_argument("--model", required=True, help="checkpoint written by `anomaly train`")
-    p.add_argument("--out", help="metrics JSON file to write")
+    p.add_argument("--out", help="metrics JSON file to write (numbers only, for `dvc metrics`)")
+    p.add_argument("--details", help="JSON of what was measured (method, dataset, test set hash, model "
+                   "fingerprint); default: evaluation.json beside --out metrics.json, else OUT.evaluation.json")
     p.add_argument("--plots", help="folder for roc.csv, pr.csv, curves.png and overlays.png")
     p.add_argument("--batch-size", type=int, dest="eval_batch_size")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
@@ -491,6 +513,7 @@ def _parser() -> argparse.ArgumentParser:
     p = commands.add_parser("register", help="log a trained model to MLflow and gate it into the registry")
     p.add_argument("--model", required=True, help="checkpoint written by `anomaly train`")
     p.add_argument("--metrics", required=True, help="metrics JSON written by `anomaly evaluate`")
+    p.add_argument("--details", help="its details JSON (default: as `anomaly evaluate` names it)")
     p.add_argument("--plots", help="folder of evaluation plots to attach")
     p.add_argument("--out", help="JSON file for the gate decision")
     _add_data_flags(p)
@@ -503,6 +526,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="a setting: a params.yaml path (train.epochs=2) or a hyper-parameter of the "
                    "method (latent_channels=32); repeatable")
     p.set_defaults(tracking=True, handler=run, starts_flow=True)
+
+    p = commands.add_parser("settings", help="write the effective settings of params.yaml (the file DVC stages read)")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--profile")
+    p.add_argument("--out", default="settings.yaml")
+    p.set_defaults(handler=settings)
 
     p = commands.add_parser("sweep", help="train + evaluate every cell of `sweep:` on Dask; leaderboard")
     p.add_argument("--params", default="params.yaml")

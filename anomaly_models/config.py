@@ -514,3 +514,60 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str
         else:
             merged[key] = value
     return merged
+
+
+# Settings that change how fast a run goes, not what it computes: left out of what a run records.
+SPEED_ONLY = {"data": ("root", "cache_images"), "train": ("num_workers",), "evaluate": ("batch_size",)}
+# Which evaluate keys a threshold rule reads.
+THRESHOLD_RULE_KEYS = {"quantile": "threshold_quantile", "contamination": "contamination", "f1": "labelled_val_root"}
+
+
+def effective_settings(params: Params) -> dict[str, Any]:
+    """What a run actually used, in params.yaml's layout: the profile and overrides already applied,
+    only the active method's section (every hyper-parameter, defaults filled in), `image_size`
+    resolved to the method's default, and no key the run ignores (another dataset kind's subject,
+    another threshold rule's value, train keys the method does not read, sweep and schedules,
+    pretraining when disabled, paths and speed-only settings). DVC stages depend on it and MLflow
+    logs it, so both show what ran, in tens of keys rather than hundreds."""
+    from anomaly_models import MODELS  # the method registry, filled when the package is imported
+
+    method = MODELS[params.model.method]
+    method_config = from_dict(method.config_class, params.model.method_options(), f"model.{params.model.method}")
+    image_size = params.model.image_size or method.default_preprocessing(method_config).image_size
+    data = to_dict(params.data)
+    subjects = {"category", "normal_class", "video_set"} - {params.data.kind.subject_key}
+    if params.data.kind.gives != "clips":
+        subjects |= {"clip_stride_train", "clip_stride_test"}
+    rule_keys = set(THRESHOLD_RULE_KEYS.values()) - {THRESHOLD_RULE_KEYS[params.evaluate.threshold_rule]}
+    ignored = {"data": subjects, "train": set(method.ignored_train_keys), "evaluate": rule_keys}
+    settings = {
+        "data": data,
+        "model": {"method": params.model.method, "image_size": image_size,
+                  params.model.method: to_dict(method_config)},
+        "train": to_dict(params.train),
+        "evaluate": to_dict(params.evaluate),
+        "register": {**to_dict(params.register), "model_name": params.registered_name()},
+    }
+    if params.pretrain.enabled:
+        settings["pretrain"] = to_dict(params.pretrain)
+    for section, keys in ignored.items():
+        for key in set(keys) | set(SPEED_ONLY.get(section, ())):
+            settings[section].pop(key, None)
+    return settings
+
+
+SETTINGS_HEADER = ("# What a run uses (anomaly_models.config.effective_settings); written by "
+                   "`anomaly settings` or a flow run, not edited by hand")
+
+
+def settings_text(params: Params, profile: str | None) -> str:
+    """The resolved settings file (settings.yaml) of a run: the profile's name and the effective settings."""
+    return f"{SETTINGS_HEADER}\n" + yaml.safe_dump({"profile": profile, **effective_settings(params)}, sort_keys=False)
+
+
+def chosen_profile(path: str | Path, profile: str | None = None) -> str | None:
+    """The profile a params file is read with: the one given, else the file's own `profile:` key."""
+    if profile:
+        return profile
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    return raw.get(PROFILE_KEY) if isinstance(raw, dict) else None

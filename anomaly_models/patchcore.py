@@ -170,6 +170,7 @@ class PatchCore(AnomalyModel):
     name = "patchcore"
     config_class = PatchCoreConfig
     fitted_tensors = ("memory_bank", "projection")
+    ignored_train_keys = ("epochs", "lr", "weight_decay", "mixed_precision")  # no training loop
 
     def __init__(self, config=None, train=None, preprocessing=None):
         super().__init__(config, train, preprocessing)

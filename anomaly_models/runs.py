@@ -157,9 +157,9 @@ def calibrate_threshold(model: AnomalyModel, params: Params, val_set: RecordData
 
 def evaluate_model(
     model: AnomalyModel, params: Params, out: str | Path | None = None,
-    plots: str | Path | None = None, device: str = "auto",
+    plots: str | Path | None = None, device: str = "auto", details: str | Path | None = None,
 ) -> EvaluationResult:
-    """Score the fixed test split; write metrics JSON and plots when asked."""
+    """Score the fixed test split; write the metrics JSON (numbers), its details and plots when asked."""
     data = params.data
     check_method_dataset(model.name, data.dataset)
     check_same_subject(model, data)
@@ -176,7 +176,7 @@ def evaluate_model(
         model_fingerprint=model.fingerprint(),  # with the test split's hash: the gate's evidence
     )
     if out:
-        atomic_write_text(out, json.dumps(metrics, indent=2) + "\n")
+        write_metrics(metrics, out, details)
     written: dict[str, Path] = {}
     if plots:
         from anomaly_models.plots import plot_overlays, write_curves
@@ -188,18 +188,54 @@ def evaluate_model(
     return EvaluationResult(metrics, predictions, test_set, written)
 
 
+def split_metrics(metrics: dict[str, Any]) -> tuple[dict[str, float | int], dict[str, Any]]:
+    """(numbers, details): the numbers are what `dvc metrics show/diff` compares; the details (method,
+    dataset, subject, test set hash, model fingerprint) say what was measured."""
+    numbers = {k: v for k, v in metrics.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return numbers, {k: v for k, v in metrics.items() if k not in numbers}
+
+
+def details_path(metrics_path: str | Path) -> Path:
+    """Where the details of a metrics file go unless named: evaluation.json beside metrics.json,
+    else <name>.evaluation.json."""
+    path = Path(metrics_path)
+    return path.with_name("evaluation.json" if path.name == "metrics.json" else f"{path.stem}.evaluation.json")
+
+
+def write_metrics(metrics: dict[str, Any], out: str | Path, details: str | Path | None = None) -> Path:
+    """The metrics JSON (numbers only, missing ones as null) and its details file; the details' path."""
+    numbers, rest = split_metrics(metrics)
+    numbers.update({k: None for k, v in rest.items() if v is None})  # a metric the data has not
+    rest = {k: v for k, v in rest.items() if v is not None}
+    details = Path(details) if details else details_path(out)
+    atomic_write_text(out, json.dumps(numbers, indent=2) + "\n")
+    atomic_write_text(details, json.dumps(rest, indent=2) + "\n")
+    return details
+
+
+def read_metrics(metrics_path: str | Path, details: str | Path | None = None) -> dict[str, Any]:
+    """A metrics JSON and its details file (when there) as one dict, as `evaluate_model` returned it."""
+    metrics = json.loads(Path(metrics_path).read_text())
+    details = Path(details) if details else details_path(metrics_path)
+    if details.is_file():
+        metrics.update(json.loads(details.read_text()))
+    return metrics
+
+
 VISUAL_CHECK_IMAGES = 4  # anomalous test images in a method's visual check (ssae)
 
 
 def write_evaluation(
     model: AnomalyModel, params: Params, metrics_path: str | Path, plots_dir: str | Path, device: str = "auto",
+    details: str | Path | None = None,
 ) -> tuple[EvaluationResult, dict[str, Path]]:
     """Evaluate and write everything a run records: metrics JSON, curves, overlays, histogram,
     worst mistakes, report.html and the method's visual check. The CLI (the DVC stage) and the
     Prefect step both call this, so both doors leave the same files."""
     from anomaly_models.report import write_report
 
-    result = evaluate_model(model, params, metrics_path, plots_dir, device)
+    result = evaluate_model(model, params, metrics_path, plots_dir, device, details)
     files = {**result.plots, **write_report(model, result, plots_dir)}
     visual_check = getattr(model, "visual_check", None)  # methods with a training picture worth a look
     anomalous = [i for i, label in enumerate(result.predictions.labels) if label == 1][:VISUAL_CHECK_IMAGES]
@@ -208,7 +244,7 @@ def write_evaluation(
         files["visual_check"] = visual_check(torch.stack([s.image for s in samples]),
                                              Path(plots_dir) / "visual_check.png",
                                              torch.stack([s.mask for s in samples]))
-    return result, {"metrics": Path(metrics_path), **files}
+    return result, {"metrics": Path(metrics_path), "evaluation": Path(details or details_path(metrics_path)), **files}
 
 
 def check_same_subject(model: AnomalyModel, data: DataConfig) -> None:

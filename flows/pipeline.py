@@ -6,7 +6,9 @@
 
 Every run reads the project's DVC-tracked `data/<dataset>` (filled on first use from the
 configured data or the official download, then kept: retraining adds to it), records it as a
-DVC version, and leaves one MLflow run (the same record as `dvc repro`'s register stage). Runs
+DVC version, works in its own folder `runs/<run id>/` (the id is the Prefect flow-run name and
+the MLflow run name), leaves one MLflow run (the same record as `dvc repro`'s register stage) and
+publishes its outputs to the DVC-tracked workspace (tasks/workspace.py: when it may). Runs
 in-process (Prefect starts a temporary local API when no server is configured).
 """
 
@@ -18,8 +20,8 @@ from typing import Any
 
 from prefect import flow
 
-from anomaly_models.config import Params, load_params
-from tasks import steps
+from anomaly_models.config import Params, chosen_profile, effective_settings, load_params
+from tasks import steps, workspace
 from tasks.prefect_runs import RUN_HOOKS, flow_run_namer
 from tasks.summary import publish_run_summary
 
@@ -30,26 +32,53 @@ def pipeline(
     overrides: dict[str, Any] | None = None,
 ) -> dict:
     params = load_params(params_file, profile, overrides)  # a malformed file fails before any work
-    result = run_pipeline(params, Path(workdir))
+    result = run_pipeline(params, Path(workdir), profile=chosen_profile(params_file, profile),
+                          as_file=described_by_file(params, params_file))
     publish_run_summary(result)
     return result
 
 
-def run_pipeline(params: Params, workdir: Path, run_name: str | None = None) -> dict:
-    """The steps of one run; shared by the pipeline and the retrain flow."""
+def described_by_file(params: Params, params_file: str | Path) -> bool:
+    """Whether these settings are what params.yaml itself says (no --profile or --set beyond it):
+    only then may a run publish to the workspace that `dvc repro` of params.yaml maintains."""
+    return effective_settings(params) == effective_settings(load_params(params_file))
+
+
+def run_pipeline(params: Params, workdir: Path, run_id: str | None = None, profile: str | None = None,
+                 as_file: bool = True) -> dict:
+    """The steps of one run, in its own folder runs/<run id>/; shared by the pipeline and the
+    retrain flow. With the data, settings and code of the run the workspace holds, it stops
+    before training: that run's model and numbers stand."""
     workdir = Path(workdir)
+    run_id = run_id or workspace.current_run_id("pipeline")
+    run_dir = workspace.run_folder(workdir, run_id)
     params = steps.download(params, workdir)
-    data_version = steps.version_data(params, workdir)
-    manifest = steps.prepare(params, workdir / "data" / "manifest.json")
-    steps.pretrain(params, workdir / "models")
-    checkpoint, skipped = steps.train(params, workdir / "models" / "model.pt", manifest["data_hash"])
-    plots = workdir / "plots"
-    metrics, files = steps.evaluate(params, checkpoint, workdir / "metrics" / "metrics.json", plots)
-    decision = steps.track(params, checkpoint, metrics, files, data_version, skipped, run_name)
-    return {"run_id": decision["run_id"], "metrics": metrics, "decision": decision,
-            "data_hash": manifest["data_hash"], "data_version": data_version,
-            "num_train_images": len(manifest["splits"]["train"]), "report": str(plots / "report.html"),
-            "model_name": params.registered_name()}
+    data_version, data_read_at = steps.version_data(params, workdir)
+    steps.tracking_store(params, workdir)
+    manifest = steps.prepare(params, run_dir / workspace.RUN_MANIFEST)
+    settings = steps.settings(params, run_dir / "settings.yaml", profile)
+    record = {"run_id": run_id, "data_version": data_version, "data_hash": manifest["data_hash"],
+              "data_read_at": data_read_at, "settings_sha256": workspace.settings_digest(settings),
+              "code_version": workspace.code_version()}
+    common = {"run_dir": str(run_dir), "data_hash": manifest["data_hash"], "data_version": data_version,
+              "num_train_images": len(manifest["splits"]["train"]), "model_name": params.registered_name()}
+    same = workspace.unchanged_since(workdir, record) if as_file else None
+    if same is not None:
+        print(f"nothing changed since run {same['run_id']} (data version, settings and code): "
+              "not trained, evaluated or logged again")
+        return {"status": "unchanged", "run_id": same.get("mlflow_run_id"), "same_as": same["run_id"], **common}
+    steps.pretrain(params, run_dir)
+    checkpoint, skipped = steps.train(params, run_dir / "model.pt", manifest["data_hash"])
+    metrics, files = steps.evaluate(params, checkpoint, run_dir)
+    decision = steps.track(params, checkpoint, metrics, files, data_version, skipped, run_id)
+    published = False
+    if as_file:
+        published = steps.publish(params, workdir, run_dir, {**record, "mlflow_run_id": decision["run_id"]})
+    else:
+        print(f"not published (--profile/--set go beyond the params file, and the workspace holds what "
+              f"`dvc repro` of it makes); its outputs stay in {run_dir}")
+    return {"status": "trained", "run_id": decision["run_id"], "metrics": metrics, "decision": decision,
+            "published": published, "report": str(run_dir / "plots" / "report.html"), **common}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile")
     args = parser.parse_args(argv)
     result = pipeline(args.params, args.profile)
-    print(result["decision"])
+    print(result.get("decision") or result["status"])
     return 0
 
 

@@ -20,12 +20,12 @@ from pathlib import Path
 from prefect import flow
 
 from anomaly_models.cli import EXIT_BAD_INPUT, bad_input
-from anomaly_models.config import load_params
+from anomaly_models.config import chosen_profile, load_params
 from anomaly_models.data.common import list_images
 from anomaly_models.data.inbox import check_inbox_state, recover_inbox
 from anomaly_models.errors import AnomalyError, ConfigError
-from flows.pipeline import run_pipeline
-from tasks import steps
+from flows.pipeline import described_by_file, run_pipeline
+from tasks import steps, workspace
 from tasks.prefect_runs import RUN_HOOKS, flow_run_namer
 from tasks.screening import screen_inbox
 from tasks.summary import publish_run_summary
@@ -42,15 +42,17 @@ def retrain(params_file: str = "params.yaml", profile: str | None = None, workdi
         return {"status": "empty", **({"rejected": quarantined} if quarantined else {})}
 
     params = steps.download(params, work)  # the images go into data/<dataset>, which every door reads
-    before = steps.prepare(params, work / "data" / "manifest.json")
+    run_id = workspace.current_run_id("retrain")
+    before = steps.prepare(params, workspace.run_folder(work, run_id) / "manifest-before.json")
     known = {entry["sha256"] for files in before["splits"].values() for entry in files}
     screened = screen_inbox(params, inbox)  # the champion's verdict on each image (retrain.screen_with_champion)
     report = steps.ingest(params, inbox, known, work, screened)
     rejected = {**quarantined, **report.rejected}
     if not report.accepted:
         return {"status": "nothing accepted", "rejected": rejected}
-    result = run_pipeline(params, work, run_name=f"retrain-{params.registered_name()}")
-    result = {"status": "retrained", "accepted": [str(p) for p in report.accepted], "rejected": rejected, **result}
+    result = run_pipeline(params, work, run_id, chosen_profile(params_file, profile),
+                          described_by_file(params, params_file))
+    result = {**result, "status": "retrained", "accepted": [str(p) for p in report.accepted], "rejected": rejected}
     publish_run_summary(result)
     return result
 

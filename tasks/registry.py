@@ -189,11 +189,15 @@ def _evaluate_version(client: MlflowClient, run_id: str, params: Params) -> dict
 
 
 def register_trained(params: Params, checkpoint: Path, metrics_path: Path, files: list[Path],
-                     data_dir: Path | None = None) -> dict:
+                     data_dir: Path | None = None, details: Path | None = None) -> dict:
     """Track and register a model trained outside a flow (the DVC `register` stage): the same
-    record as the flow's, with the data version DVC holds for `data_dir`. The metrics file must be
-    this checkpoint's evaluation on the current test split (refused naming the file otherwise)."""
-    metrics = json.loads(Path(metrics_path).read_text())
+    record as the flow's, with the data version DVC holds for `data_dir`; `details` is the
+    evaluation's details file (default: the one `anomaly evaluate` writes beside the metrics). The
+    metrics must be this checkpoint's evaluation on the current test split (refused naming the file
+    otherwise)."""
+    from anomaly_models.runs import read_metrics
+
+    metrics = read_metrics(metrics_path, details)
     version = data_version(Path.cwd(), data_dir) if data_dir else None
     return record_run(params, checkpoint, metrics, [Path(metrics_path), *files], version,
                       metrics_source=str(metrics_path))

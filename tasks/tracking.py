@@ -95,18 +95,13 @@ def git_commit() -> str:
 
 
 def run_params(params) -> dict[str, str]:
-    """The settings that shaped this run, flat: the active method's section only (not every
-    method's), and pretraining only when it is enabled; sweep and schedule settings are not a
-    property of a model."""
-    from anomaly_models.config import to_dict
+    """The settings that shaped this run, flat: its effective settings (anomaly_models.config.
+    effective_settings: profile applied, the active method's section only, image_size resolved,
+    no key the method ignores), the same that the DVC stages depend on."""
+    from anomaly_models.config import effective_settings
 
-    raw = to_dict(params)
-    model = raw.pop("model")
-    raw["model"] = {"method": model["method"], "image_size": model["image_size"],
-                    model["method"]: model["options"].get(model["method"]) or {}}
-    for section in ("sweep", "retrain") + (() if params.pretrain.enabled else ("pretrain",)):
-        raw.pop(section)
-    return {key: str("null" if value is None else value) for key, value in flatten("", raw).items()}
+    return {key: str("null" if value is None else value)
+            for key, value in flatten("", effective_settings(params)).items()}
 
 
 def unique_run_name(prefix: str) -> str:
@@ -157,7 +152,7 @@ def record_run(
         earlier = MlflowClient().search_runs(
             [experiment_id], f"tags.checkpoint_sha256 = '{checkpoint_sha}'", max_results=1)
         train_skipped = bool(earlier)
-    run_name = unique_run_name(run_name or params.registered_name())
+    run_name = run_name or unique_run_name(params.registered_name())  # a flow passes its run id
     run_id = start_run(params, model.metadata.get("data_hash") or "unknown", run_name, tags={
         DATA_VERSION_TAG: data_version or "none (not a DVC project)",
         "model_fingerprint": model.fingerprint(), "checkpoint_sha256": checkpoint_sha,

@@ -128,7 +128,8 @@ def test_video_profile_trains_and_evaluates_through_the_cli(tmp_path, ped2_root)
                  "--out", str(metrics_path), "--device", "cpu"]) == 0
     metrics = json.loads(metrics_path.read_text())
     assert 0.0 <= metrics["frame_auc"] <= 1.0 and 0.0 <= metrics["image_auroc"] <= 1.0
-    assert metrics["subject"] == "ucsd_ped2" and metrics["num_test_images"] == 5 * len(range(0, 165, 4))
+    details = json.loads((tmp_path / "evaluation.json").read_text())  # what was measured, beside the numbers
+    assert details["subject"] == "ucsd_ped2" and metrics["num_test_images"] == 5 * len(range(0, 165, 4))
     model = torch.load(model_path, weights_only=False)
     assert model["threshold"]["num_normal"] > 0  # calibrated on the held-out normal video's clips
 
