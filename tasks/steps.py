@@ -7,7 +7,6 @@ download -> version-data -> prepare -> pretrain -> train -> evaluate -> track. T
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -16,26 +15,19 @@ from prefect import task
 from anomaly_models import load_model
 from anomaly_models.base import MODELS
 from anomaly_models.config import Params
-from anomaly_models.data.download import materialise_dataset
 from anomaly_models.data.inbox import InboxReport, ingest_inbox
 from anomaly_models.data.prepare import write_manifest
 from anomaly_models.pretrain import pretrain_backbone
 from anomaly_models.runs import train_model, write_evaluation
-from tasks.dvc import commit_data_version
+from tasks.dvc import commit_data_version, data_folder, materialise_data
 from tasks.tracking import record_run
-
-
-def data_folder(params: Params, workdir: Path) -> Path:
-    """The project's DVC-tracked copy of the data, which every door reads: data/<dataset>."""
-    return Path(workdir) / "data" / params.data.dataset
 
 
 @task(name="download", retries=2, retry_delay_seconds=10)
 def download(params: Params, workdir: Path) -> Params:
     """Fill data/<dataset> from the configured source or the official download (kept when there:
     retraining adds to it); returns the params that read it."""
-    folder = materialise_dataset(params.data, data_folder(params, workdir))
-    return dataclasses.replace(params, data=dataclasses.replace(params.data, root=str(folder.resolve())))
+    return materialise_data(params, workdir)
 
 
 @task(name="version-data")
