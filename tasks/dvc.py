@@ -25,6 +25,9 @@ from anomaly_models.errors import DataError
 from tasks.workspace import workspace_lock
 
 
+NOT_VERSIONED = "none (not a DVC project)"  # the dvc_data_version tag of a run outside a DVC project
+
+
 def data_folder(params: Params, workdir: Path) -> Path:
     """The project's DVC-tracked copy of the data, which every door reads: data/<dataset>."""
     return Path(workdir) / "data" / params.data.dataset
