@@ -60,6 +60,7 @@ def commit_data_version(workdir: Path, data_dir: Path) -> str | None:
     try:
         with workspace_lock(workdir), chdir(workdir):  # DVC resolves stage paths against the cwd
             with Repo(".") as repo:
+                repo.index.check_graph()  # as `dvc repro` does: no output tracked twice
                 stages = [s for s in repo.index.stages if any(str(o.def_path) == target for o in s.outs)]
                 if stages:
                     repo.commit(stages[0].addressing, force=True)
@@ -69,7 +70,7 @@ def commit_data_version(workdir: Path, data_dir: Path) -> str | None:
                     repo.push()
     except FileIsGitIgnored:
         raise DataError(f"{target}.dvc, which tracks {target}, is ignored by git: let git see it "
-                        f"(.gitignore: '/data/*' and '!/data/*.dvc' instead of '/data/')") from None
+                        f"(.gitignore: ignore the folder '/{target}/', not all of '/data/')") from None
     except OutputDuplicationError:
         raise DataError(f"{target} is tracked twice, by {target}.dvc (a flow run's dataset) and by "
                         f"dvc.yaml's download stage (the dataset of params.yaml): `dvc remove "
