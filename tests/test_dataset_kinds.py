@@ -121,7 +121,8 @@ def _assert_tracked_by_its_dvc_file(project: Path, dataset: str, run) -> None:
                                capture_output=True, text=True, check=True).stdout
     assert f"?? data/{dataset}.dvc" in untracked and f"data/{dataset}/" not in untracked
     assert "up to date" in _dvc(project, "status", f"data/{dataset}.dvc")
-    assert not (project / "dvc.lock").exists()
+    lock = yaml.safe_load((project / "dvc.lock").read_text()) if (project / "dvc.lock").exists() else {}
+    assert f"data/{dataset}" not in [o["path"] for s in (lock or {}).get("stages", {}).values() for o in s.get("outs", [])]
 
 
 def test_anomaly_run_reads_cifar10_from_its_own_dvc_tracked_folder(project, cifar_subset):
