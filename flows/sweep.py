@@ -3,10 +3,11 @@
     anomaly sweep [--params params.yaml] [--profile test]      (= python -m flows.sweep)
 
 Every cell reads the project's DVC-tracked `data/<dataset>` (filled and versioned first, as the
-pipeline does) and its run carries that `dvc_data_version`. Cells are Prefect tasks on a `DaskTaskRunner`: a local cluster sized to the machine by default,
-or the scheduler at `sweep.address`. Each cell is a child MLflow run of one parent run, which gets
-the leaderboard (CSV, Markdown, HTML). A failed cell is reported and the others finish; a re-run
-skips cells whose params, data and code are unchanged.
+pipeline does) and its run carries that `dvc_data_version`. Cells are Prefect tasks on a
+`DaskTaskRunner`: a local cluster sized to the machine by default, or the scheduler at
+`sweep.address`. Each cell is a child MLflow run of one parent run, which gets the leaderboard
+(CSV, Markdown, HTML). A failed cell is reported and the others finish; a re-run skips cells whose
+params, data and code are unchanged.
 """
 
 from __future__ import annotations

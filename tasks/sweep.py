@@ -3,6 +3,7 @@
 Before the cells, `sweep_data` fills the project's DVC-tracked `data/<dataset>` with every subject
 and records it as one DVC version, as the pipeline does: every cell reads that folder (so a sweep
 sees the images retraining added) and its run carries `dvc_data_version`.
+
 A cell is identified by a key over its params, its data hash and the code version; a cell whose
 key already has a finished MLflow run is not run again (its logged metrics are reused). Each cell's
 run is tagged with the Dask worker that ran it, to trace a cell to its machine.
