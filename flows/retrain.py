@@ -34,6 +34,7 @@ from tasks.summary import publish_run_summary
 @flow(name="anomaly-retrain", log_prints=True, flow_run_name=flow_run_namer("retrain"), **RUN_HOOKS)
 def retrain(params_file: str = "params.yaml", profile: str | None = None, workdir: str = ".") -> dict:
     params = load_params(params_file, profile)
+    params.data.kind.check_new_images()  # video: one line saying why, before any work
     work = Path(workdir)
     inbox = check_inbox(work / params.retrain.inbox)
     quarantined = recover_inbox(inbox)  # an ingest killed midway is undone before the data is hashed
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     try:  # settings and inbox checked before Prefect starts, so a mistake is one line, not a flow log
         params = load_params(args.params, args.profile)
         check_inbox(Path(args.workdir) / params.retrain.inbox)
+        params.data.kind.check_new_images()
         result = retrain(args.params, args.profile, args.workdir)
     except AnomalyError as error:
         return bad_input(error)

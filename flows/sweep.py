@@ -2,10 +2,12 @@
 
     anomaly sweep [--params params.yaml] [--profile test]      (= python -m flows.sweep)
 
-Cells are Prefect tasks on a `DaskTaskRunner`: a local cluster sized to the machine by default,
-or the scheduler at `sweep.address`. Each cell is a child MLflow run of one parent run, which gets
-the leaderboard (CSV, Markdown, HTML). A failed cell is reported and the others finish; a re-run
-skips cells whose params, data and code are unchanged.
+Every cell reads the project's DVC-tracked `data/<dataset>` (filled and versioned first, as the
+pipeline does) and its run carries that `dvc_data_version`. Cells are Prefect tasks on a
+`DaskTaskRunner`: a local cluster sized to the machine by default, or the scheduler at
+`sweep.address`. Each cell is a child MLflow run of one parent run, which gets the leaderboard
+(CSV, Markdown, HTML). A failed cell is reported and the others finish; a re-run skips cells whose
+params, data and code are unchanged.
 """
 
 from __future__ import annotations
@@ -24,22 +26,28 @@ from prefect import flow
 from prefect_dask import DaskTaskRunner
 
 from anomaly_models.config import Params, load_params
-from anomaly_models.errors import ConfigError
+from anomaly_models.errors import AnomalyError, ConfigError
 from anomaly_models.leaderboard import write_leaderboard
 from tasks.prefect_runs import RUN_HOOKS, flow_run_namer
-from tasks.sweep import run_cell
+from tasks.sweep import run_cell, sweep_data
 from tasks.tracking import start_run
 
 
 @flow(name="anomaly-sweep", log_prints=True, flow_run_name=flow_run_namer("sweep"), **RUN_HOOKS)
 def sweep_flow(params: Params, workdir: str = ".") -> dict:
+    params, data_version, unavailable = sweep_data(params, workdir)  # every cell reads data/<dataset>
     cells = list(itertools.product(params.sweep.methods, params.sweep.subjects, params.sweep.seeds))
-    parent = start_run(params, "sweep", "sweep", tags={"sweep_cells": str(len(cells))})
+    parent = start_run(params, "sweep", "sweep", tags={"sweep_cells": str(len(cells)),
+                                                       "dvc_data_version": data_version})
     task = run_cell.with_options(retries=params.sweep.retries)
-    futures = [task.submit(params, method, subject, seed, parent, workdir) for method, subject, seed in cells]
+    futures = [None if subject in unavailable else task.submit(params, method, subject, seed, parent, workdir,
+                                                               data_version)
+               for method, subject, seed in cells]
     rows = []
     for (method, subject, seed), future in zip(cells, futures):
         try:
+            if future is None:
+                raise AnomalyError(unavailable[subject])
             rows.append(future.result())
         except Exception as error:  # a failed cell is reported; the others still count
             print(f"cell {method}/{subject}/seed {seed} failed: {error}")

@@ -9,7 +9,6 @@ publish) hold the workspace lock, so overlapping runs queue there instead of fai
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -20,30 +19,22 @@ from prefect import task
 from anomaly_models import load_model
 from anomaly_models.base import MODELS
 from anomaly_models.config import Params, effective_settings, settings_text
-from anomaly_models.data.download import materialise_dataset
 from anomaly_models.data.inbox import InboxReport, ingest_inbox
 from anomaly_models.data.prepare import write_manifest
 from anomaly_models.files import atomic_write_text
 from anomaly_models.pretrain import mark_disabled, pretrain_backbone
 from anomaly_models.runs import train_model, write_evaluation
 from tasks import workspace
-from tasks.dvc import commit_data_version
+from tasks.dvc import commit_data_version, data_folder, materialise_data
 from tasks.prefect_runs import TRANSIENT_RETRIES, TRANSIENT_RETRY_DELAY_SECONDS
 from tasks.tracking import configure, record_run
-
-
-def data_folder(params: Params, workdir: Path) -> Path:
-    """The project's DVC-tracked copy of the data, which every door reads: data/<dataset>."""
-    return Path(workdir) / "data" / params.data.dataset
 
 
 @task(name="download", retries=TRANSIENT_RETRIES, retry_delay_seconds=TRANSIENT_RETRY_DELAY_SECONDS)
 def download(params: Params, workdir: Path) -> Params:
     """Fill data/<dataset> from the configured source or the official download (kept when there:
-    retraining adds to it); returns the params that read it."""
-    with workspace.workspace_lock(workdir):  # two first runs must not both fill the folder
-        folder = materialise_dataset(params.data, data_folder(params, workdir))
-    return dataclasses.replace(params, data=dataclasses.replace(params.data, root=str(folder.resolve())))
+    retraining adds to it), under the workspace lock; returns the params that read it."""
+    return materialise_data(params, workdir)
 
 
 @task(name="version-data", retries=TRANSIENT_RETRIES, retry_delay_seconds=TRANSIENT_RETRY_DELAY_SECONDS)

@@ -1,5 +1,9 @@
 """One sweep cell as a Prefect task: train + evaluate one (method, subject, seed), as a child run.
 
+Before the cells, `sweep_data` fills the project's DVC-tracked `data/<dataset>` with every subject
+and records it as one DVC version, as the pipeline does: every cell reads that folder (so a sweep
+sees the images retraining added) and its run carries `dvc_data_version`.
+
 A cell is identified by a key over its params, its data hash and the code version; a cell whose
 key already has a finished MLflow run is not run again (its logged metrics are reused). Each cell's
 run is tagged with the Dask worker that ran it, to trace a cell to its machine.
@@ -19,8 +23,10 @@ from prefect import task
 
 from anomaly_models.config import Params, to_dict
 from anomaly_models.data.prepare import build_manifest
+from anomaly_models.errors import AnomalyError
 from anomaly_models.leaderboard import METRICS
 from anomaly_models.runs import evaluate_model, train_model
+from tasks.dvc import NOT_VERSIONED, commit_data_version, data_folder, materialise_data
 from tasks.tracking import configure, git_commit, log_evaluation, log_history, start_run
 
 
@@ -35,8 +41,24 @@ def cell_params(params: Params, method: str, subject: str, seed: int) -> Params:
     )
 
 
+@task(name="sweep-data")
+def sweep_data(params: Params, workdir: str) -> tuple[Params, str, dict[str, str]]:
+    """Fill data/<dataset> with every subject of the sweep and record it as a DVC version:
+    (the params reading that folder, the version's tag, {subject: why its data is unavailable})."""
+    unavailable, folder = {}, data_folder(params, workdir)
+    for subject in params.sweep.subjects:
+        try:
+            materialise_data(cell_params(params, params.model.method, subject, params.train.seed), workdir)
+        except AnomalyError as error:  # that subject's cells fail with this reason; the others run
+            unavailable[subject] = str(error)
+    version = commit_data_version(Path(workdir), folder) if folder.is_dir() else None
+    reading = dataclasses.replace(params, data=dataclasses.replace(params.data, root=str(folder.resolve())))
+    return reading, version or NOT_VERSIONED, unavailable
+
+
 @task(name="sweep-cell")
-def run_cell(params: Params, method: str, subject: str, seed: int, parent_run_id: str, workdir: str) -> dict:
+def run_cell(params: Params, method: str, subject: str, seed: int, parent_run_id: str, workdir: str,
+             data_version: str = NOT_VERSIONED) -> dict:
     torch.set_num_threads(params.sweep.threads_per_worker)
     params = cell_params(params, method, subject, seed)
     identity = {"cell": [method, subject, seed], "data": to_dict(params.data), "train": to_dict(params.train),
@@ -55,7 +77,7 @@ def run_cell(params: Params, method: str, subject: str, seed: int, parent_run_id
 
     run_id = start_run(params, data_hash, f"{method}-{subject}-seed{seed}",
                        tags={"mlflow.parentRunId": parent_run_id, "cell_key": key,
-                             "dask_worker": _worker_address()})
+                             "dask_worker": _worker_address(), "dvc_data_version": data_version})
     try:
         folder = Path(workdir) / "cells" / key[:16]
         trained = train_model(params, folder / "model.pt", data_hash=data_hash)

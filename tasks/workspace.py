@@ -78,7 +78,7 @@ def workspace_lock(workdir: str | Path, timeout: float = LOCK_TIMEOUT_SECONDS) -
     """Hold the project's workspace lock (waiting for another run that holds it). The lock is an
     OS file lock, released when the holder exits or is killed, so a crash never leaves it held."""
     path = Path(workdir).resolve() / LOCK_FILE
-    lock = FileLock(str(path))
+    lock = FileLock(str(path), is_singleton=True)  # one per path: reentrant, so a holder may nest
     try:
         lock.acquire(timeout=timeout)
     except Timeout:

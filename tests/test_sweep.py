@@ -16,6 +16,10 @@ import yaml
 from distributed import Client
 from mlflow.tracking import MlflowClient
 
+from PIL import Image
+
+from anomaly_models.config import load_params
+from anomaly_models.data.prepare import build_manifest
 from anomaly_models.errors import ConfigError
 from flows.sweep import leaderboard_from_mlflow, sweep
 
@@ -79,15 +83,36 @@ def _params(folder, root, subjects, **sweep):
 
 def test_sweep_runs_every_cell_as_a_child_run_and_skips_them_on_rerun(tmp_path, tiny_mvtec, mlflow_store):
     shutil.copytree(tiny_mvtec / "widget", tiny_mvtec / "gadget")
+    # The project (a DVC repository) already holds widget with one image more than the configured
+    # source (what a retrain leaves): the cells must read the project's data/mvtec, not the source.
+    for command in (["git", "init", "-q"], [str(Path(sys.executable).parent / "dvc"), "init", "-q"]):
+        subprocess.run(command, cwd=tmp_path, check=True)
+    project_data = tmp_path / "data" / "mvtec"
+    shutil.copytree(tiny_mvtec / "widget", project_data / "widget")
+    train = project_data / "widget" / "train" / "good"
+    first_image = sorted(train.iterdir())[0]
+    Image.open(first_image).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(train / "inbox_flipped.png")
+
     result = sweep(str(_params(tmp_path, tiny_mvtec, ["widget", "gadget"])), None, str(tmp_path))
     rows = result["rows"]
     assert sorted((r["method"], r["subject"]) for r in rows) == [
         ("ae", "gadget"), ("ae", "widget"), ("memae", "gadget"), ("memae", "widget")]
-    assert all(r["status"] == "finished" and 0 <= r["image_auroc"] <= 1 for r in rows)
+    assert all(r["status"] == "finished" and 0 <= r["image_auroc"] <= 1 for r in rows), rows
     children = MlflowClient().search_runs(
         [MlflowClient().get_experiment_by_name("anomaly-detection").experiment_id],
         f"tags.mlflow.parentRunId = '{result['parent_run_id']}'")
     assert len(children) == 4 and {c.info.status for c in children} == {"FINISHED"}
+    # gadget was copied in from the source beside the project's widget, and the folder recorded
+    # as one DVC version, which every cell (and the parent run) carries.
+    assert sorted(p.name for p in project_data.iterdir()) == ["gadget", "widget"]
+    version = yaml.safe_load((tmp_path / "data" / "mvtec.dvc").read_text())["outs"][0]["md5"]
+    parent = MlflowClient().get_run(result["parent_run_id"]).data
+    assert parent.tags["dvc_data_version"] == version and version.endswith(".dir")
+    assert {c.data.tags["dvc_data_version"] for c in children} == {version}
+    assert {c.data.params["data.root"] for c in children} == {str(project_data.resolve())}
+    widget = load_params(tmp_path / "params.yaml", overrides={"data": {"root": str(project_data), "category": "widget"}})
+    hashes = {c.data.tags["data_hash"] for c in children if c.data.params["data.category"] == "widget"}
+    assert hashes == {build_manifest(widget.data)["data_hash"]}  # the 7 training images, not the source's 6
     markdown = (tmp_path / "leaderboard" / "leaderboard.md").read_text()
     assert "memae" in markdown and "gadget" in markdown
     assert "data:image/png;base64," in (tmp_path / "leaderboard" / "leaderboard.html").read_text()
@@ -98,7 +123,7 @@ def test_sweep_runs_every_cell_as_a_child_run_and_skips_them_on_rerun(tmp_path, 
     status = {(r["method"], r["subject"]): r["status"] for r in again["rows"]}
     assert [status[(m, s)] for m in ("ae", "memae") for s in ("widget", "gadget")] == ["skipped"] * 4
     assert status[("ae", "nope")] == status[("memae", "nope")] == "failed"
-    assert "category 'nope' not found" in next(r["error"] for r in again["rows"] if r["status"] == "failed")
+    assert "unknown mvtec category 'nope'" in next(r["error"] for r in again["rows"] if r["status"] == "failed")
 
     # The command exits once the leaderboard is written: Prefect's queued logs (the failed cells'
     # tracebacks) are sent before the temporary API stops, not retried against it for a minute.

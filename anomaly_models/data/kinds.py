@@ -29,6 +29,7 @@ class DatasetKind:
     folder: ClassVar[str]  # its sub-folder of a data directory ($ANOMALY_DATA_DIR, ../shared/data)
     subject_key: ClassVar[str]  # the DataConfig key naming what a run is about
     gives: ClassVar[str] = "images"  # or "clips": which methods can read it (AnomalyModel.input)
+    refuses_new_images: ClassVar[str | None] = None  # why the retrain inbox cannot feed it, if it cannot
 
     def default_folder(self, config: "DataConfig | None" = None) -> str:
         """Where this dataset lies in a data directory when no data.root is given."""
@@ -55,7 +56,13 @@ class DatasetKind:
 
     def normal_train_folder(self, root: Path, config: "DataConfig") -> Path:
         """The folder of normal training images, where the retrain inbox adds new ones."""
+        self.check_new_images()
         raise DataError(f"cannot add images to {root}: {self.name} data takes no new training images")
+
+    def check_new_images(self) -> None:
+        """Refuse the retrain inbox before any work when this layout cannot take new normal images."""
+        if self.refuses_new_images:
+            raise DataError(f"data.dataset {self.name}: {self.refuses_new_images}")
 
     def check(self, config: "DataConfig") -> None:
         """Refuse settings this layout cannot honour (called when params are validated)."""

@@ -217,6 +217,9 @@ class VideoKind(DatasetKind):
     folder = "ucsd_ped2"
     subject_key = "video_set"
     gives = "clips"
+    refuses_new_images = ("the retrain inbox takes single images, but a video model learns from clips of "
+                          "consecutive frames: put a new normal video's frames in data/video/train/<video>/ "
+                          "and run `anomaly run --profile video`, which records them as a new data version")
 
     def default_folder(self, config=None) -> str:
         return config.video_set if config is not None else self.folder
