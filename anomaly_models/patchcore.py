@@ -25,11 +25,12 @@ from typing import Literal
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.profiler import record_function
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from anomaly_models.backbones import (
-    STAGES, Backbone, BackboneName, backbone_preprocessing, build_backbone, every_image, knn_search,
+    STAGES, Backbone, BackboneName, backbone_preprocessing, build_backbone, every_image,
 )
 from anomaly_models.base import AnomalyModel, register_model
 from anomaly_models.errors import ConfigError
@@ -249,14 +250,19 @@ class PatchCoreScorer(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
-        features = patch_features(self.backbone, images, c.layers, c.pooling_size, self.projection)
+        with record_function("patchcore.features"):  # stage labels for torch.profiler (bench/patchcore.py)
+            features = patch_features(self.backbone, images, c.layers, c.pooling_size, self.projection)
         batch, h, w, dim = features.shape
         flat = features.reshape(-1, dim)
-        squared = nearest_squared_distances(flat, self.memory_bank, c.chunk_size * 1024)
+        with record_function("patchcore.search"):
+            squared = nearest_squared_distances(flat, self.memory_bank, c.chunk_size * 1024)
         patch_scores = squared.clamp_min(0).sqrt().view(batch, h * w)
-        scores = self.reweighted(patch_scores, flat.view(batch, h * w, dim))
-        maps = F.interpolate(patch_scores.view(batch, 1, h, w), size=images.shape[-2:], mode="bilinear")
-        return scores, gaussian_smooth(maps.squeeze(1), c.smoothing_sigma)
+        with record_function("patchcore.reweight"):
+            scores = self.reweighted(patch_scores, flat.view(batch, h * w, dim))
+        with record_function("patchcore.upsample"):
+            maps = F.interpolate(patch_scores.view(batch, 1, h, w), size=images.shape[-2:], mode="bilinear")
+        with record_function("patchcore.smooth"):
+            return scores, gaussian_smooth(maps.squeeze(1), c.smoothing_sigma)
 
     def reweighted(self, patch_scores: torch.Tensor, features: torch.Tensor):
         """Paper eq. 7: s* scaled by 1 - softmax weight of its bank neighbour m* among m*'s own
@@ -266,10 +272,10 @@ class PatchCoreScorer(nn.Module):
         score = patch_scores[rows, worst]
         if self.config.num_neighbors <= 1:
             return score
-        worst_features = features[rows, worst]
-        _, nearest = knn_search(worst_features, self.memory_bank, 1, self.config.chunk_size)
-        m_star = self.memory_bank[nearest[:, 0]]
-        _, support = knn_search(m_star, self.memory_bank, self.config.num_neighbors, self.config.chunk_size)
+        worst_features = features[rows, worst]  # one query per image: a plain distance row each
+        m_star = self.memory_bank[torch.cdist(worst_features, self.memory_bank).argmin(dim=1)]
+        k = min(self.config.num_neighbors, len(self.memory_bank))
+        support = torch.cdist(m_star, self.memory_bank).topk(k, dim=1, largest=False).indices
         distances = (worst_features.unsqueeze(1) - self.memory_bank[support]).norm(dim=-1)
         return (1 - distances.softmax(dim=1)[:, 0]) * score
 
