@@ -38,6 +38,8 @@ from anomaly_models.scoring import gaussian_smooth
 from anomaly_models.training import resolve_device, seed_everything, seeded
 
 logger = logging.getLogger(__name__)
+# distances computed per block of the search: 4 MB stay in cache (1.5x faster than 32 MB, bench/patchcore.py)
+SEARCH_BLOCK_ELEMENTS = 1 << 20
 from anomaly_models.transforms import Preprocessing
 
 
@@ -59,7 +61,7 @@ class PatchCoreConfig:
     coreset_buffer_rows: int = 262144
     num_neighbors: int = 9  # bank neighbours in the score re-weighting (paper: b = 9); 1 turns it off
     smoothing_sigma: float = 4.0  # Gaussian smoothing of the anomaly map, in pixels
-    chunk_size: int = 8192  # rows per block of the exact nearest-neighbour search
+    chunk_size: int = 8192  # rows per block of the coreset's distance updates
 
     def __post_init__(self):
         if not 0.0 < self.coreset_ratio <= 1.0:
@@ -223,7 +225,8 @@ class StreamingCoreset:
         self.filled = self.size
 
 
-def nearest_squared_distances(queries: torch.Tensor, bank: torch.Tensor, block_elements: int) -> torch.Tensor:
+def nearest_squared_distances(queries: torch.Tensor, bank: torch.Tensor,
+                              block_elements: int = SEARCH_BLOCK_ELEMENTS) -> torch.Tensor:
     """Exact squared L2 distance from each query row to its nearest bank row, (Q,).
 
     |q|^2 - 2 q.m + |m|^2: one matrix product per block of queries, then the row minimum. No
@@ -258,7 +261,7 @@ class PatchCoreScorer(nn.Module):
         batch, h, w, dim = features.shape
         flat = features.reshape(-1, dim)
         with record_function("patchcore.search"):
-            squared = nearest_squared_distances(flat, self.memory_bank, c.chunk_size * 1024)
+            squared = nearest_squared_distances(flat, self.memory_bank)
         patch_scores = squared.clamp_min(0).sqrt().view(batch, h * w)
         with record_function("patchcore.reweight"):
             scores = self.reweighted(patch_scores, flat.view(batch, h * w, dim))

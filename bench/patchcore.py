@@ -225,7 +225,7 @@ def compare_searches(model, images: torch.Tensor) -> None:
     features = patch_features(model.network, images, config.layers, config.pooling_size, model.projection)
     queries = features.reshape(-1, features.shape[-1]).contiguous()
     bank = model.memory_bank.contiguous()
-    exact = nearest_squared_distances(queries, bank, config.chunk_size * 1024)
+    exact = nearest_squared_distances(queries, bank)
     per_image = len(images)
 
     def timed(function, repeats=3):
@@ -244,10 +244,10 @@ def compare_searches(model, images: torch.Tensor) -> None:
             backbones._faiss = found
 
     searches = {"torch cdist+topk (before)": without_faiss,
-                "torch matmul+min (now)": lambda: nearest_squared_distances(queries, bank, config.chunk_size * 1024)}
+                "torch matmul+min (now)": lambda: nearest_squared_distances(queries, bank)}
     bank16, queries16 = bank.bfloat16(), queries.bfloat16()
     searches["torch bfloat16 matmul+min"] = lambda: nearest_squared_distances(
-        queries16, bank16, config.chunk_size * 1024).float()
+        queries16, bank16).float()
     built = {}
     faiss = backbones._faiss()
     if faiss is not None:
