@@ -8,7 +8,7 @@ from anomaly_models.backbones import build_backbone
 from anomaly_models.data import MVTecAD
 from anomaly_models.errors import CheckpointError, ConfigError
 from anomaly_models.evaluation import evaluate, predict_dataset
-from anomaly_models.patchcore import greedy_coreset, patch_features
+from anomaly_models.patchcore import StreamingCoreset, greedy_coreset, nearest_squared_distances, patch_features
 
 
 @pytest.mark.parametrize("pool_size", [0, 8])
@@ -35,6 +35,62 @@ def test_pooled_coreset_makes_the_same_picks_as_plain_greedy(bottle_model):
     pooled = greedy_coreset(features, 300, 32, torch.Generator().manual_seed(0), 16, chunk_size=256)
     assert set(pooled.tolist()) == set(plain.tolist())
     assert (pooled == plain).float().mean() > 0.95  # near ties may swap neighbouring picks
+
+
+def streamed(features, size, buffer_rows, feed=37, pool_size=8):
+    coreset = StreamingCoreset(size, buffer_rows, len(features), None, torch.Generator().manual_seed(0), pool_size)
+    for block in features.split(feed):
+        coreset.add(block)
+    return coreset.result(), coreset
+
+
+def covering_radius(points, bank):
+    return torch.cdist(points, bank).min(dim=1).values.max().item()
+
+
+def test_streaming_coreset_is_exact_greedy_while_the_buffer_holds_everything():
+    features = torch.randn(500, 6, generator=torch.Generator().manual_seed(2))
+    bank, coreset = streamed(features, 25, buffer_rows=500)
+    exact = greedy_coreset(features, 25, None, torch.Generator().manual_seed(0), 8)
+    assert coreset.reductions == 1 and coreset.seen == 500
+    assert torch.equal(bank, features[exact])
+
+
+def test_streaming_coreset_in_a_small_buffer_keeps_greedys_covering_radius():
+    """Merge and reduce through 100-row buffers (about 28 reductions): a bank of `size` real rows
+    whose largest gap to any input row is within 2x exact greedy's (itself within 2x optimal)."""
+    features = torch.randn(2000, 8, generator=torch.Generator().manual_seed(3))
+    bank, coreset = streamed(features, 40, buffer_rows=100)
+    exact = features[greedy_coreset(features, 40, None, torch.Generator().manual_seed(0), 8)]
+    assert coreset.reductions > 20 and bank.shape == (40, 8)
+    assert (bank[:, None] == features[None]).all(dim=2).any(dim=1).all()  # rows of the input
+    assert covering_radius(features, bank) <= 2 * covering_radius(features, exact)
+    assert covering_radius(features, bank) > covering_radius(features, exact) * 0.5  # a real, comparable cover
+
+
+def test_fast_search_matches_exact_torch_search(bottle_model):
+    bank = bottle_model.memory_bank
+    queries = torch.cat([bank[:50] + 0.01 * torch.randn(50, bank.shape[1], generator=torch.Generator().manual_seed(4)),
+                         torch.randn(300, bank.shape[1], generator=torch.Generator().manual_seed(5))])
+    exact = torch.cdist(queries.double(), bank.double(), compute_mode="donot_use_mm_for_euclid_dist")
+    exact = exact.min(dim=1).values.square().float()
+    for block_elements in (1, 1000, 10**9):  # one query per block up to all at once
+        fast = nearest_squared_distances(queries, bank, block_elements)
+        # float32 |q|^2 - 2 q.m + |m|^2: an absolute error, a few float32 steps of the squared norms
+        scale = (queries - bank.mean(dim=0)).square().sum(dim=1).max().item()
+        torch.testing.assert_close(fast, exact, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_bank_budget_is_respected_through_many_reductions(tiny_mvtec):
+    model = build_model("patchcore", {"coreset_ratio": 1.0, "max_bank_size": 50, "coreset_buffer_rows": 120},
+                        {"device": "cpu"},
+                        {"image_size": 64})
+    train = MVTecAD(tiny_mvtec, "widget", "train", model.preprocessing)
+    record = model.fit(DataLoader(train, batch_size=2))[-1]
+    assert record["train_patches"] == len(train) * 8 * 8 and record["memory_bank"] == 50
+    assert record["coreset_reductions"] >= 4 and model.memory_bank.shape == (50, 40 + 112)
+    with pytest.raises(ConfigError, match="coreset_buffer_rows: 90 must be at least twice max_bank_size"):
+        build_model("patchcore", {"max_bank_size": 50, "coreset_buffer_rows": 90})
 
 
 def test_patch_features_are_pooled_upsampled_and_concatenated():
@@ -102,6 +158,14 @@ def test_save_load_batch_of_one_and_grayscale(bottle_model, tmp_path, mvtec_root
     torch.testing.assert_close(one_map, maps[:1], rtol=1e-5, atol=1e-4)
     gray_scores, gray_maps = loaded.predict(images.mean(dim=1, keepdim=True))
     assert gray_scores.shape == (3,) and gray_maps.shape == (3, 64, 64)
+    assert loaded.config == bottle_model.config and loaded.config.max_bank_size == 4096
+    # a checkpoint written before the bank budget (no max_bank_size / coreset_buffer_rows) still loads
+    checkpoint = torch.load(tmp_path / "patchcore.pt", weights_only=False)
+    for key in ("max_bank_size", "coreset_buffer_rows"):
+        del checkpoint["config"][key]
+    torch.save(checkpoint, tmp_path / "old.pt")
+    old = load_model(tmp_path / "old.pt")
+    assert torch.equal(old.predict(images)[0], scores)
     # the memory bank is a fitted tensor of the base interface: saved, restored and named when missing
     assert torch.equal(loaded.memory_bank, bottle_model.memory_bank)
     state = loaded.state_dict()
