@@ -178,10 +178,10 @@ def wait_cycle(soak: Soak, inbox: Path, since: float, deploy: Process, timeout: 
     """Until the inbox is consumed, a pipeline run that started after `since` is final, the
     manual runs have exited and no flow run is running."""
     deadline = time.monotonic() + timeout
-    ids = soak.deployment_ids()
     while time.monotonic() < deadline:
         if not deploy.running():
             raise RuntimeError(f"flows.deploy exited (rc {deploy.popen.returncode})\n{deploy.tail()}")
+        ids = soak.deployment_ids()
         runs = soak.flow_runs()
         busy = [r for r in runs if r["state_type"] in ("RUNNING", "PENDING")]
         pipeline_done = any(ids.get(r["deployment_id"]) == "pipeline" and r["state_type"] in FINAL_STATES
@@ -379,6 +379,10 @@ def main() -> None:
             raise RuntimeError(first.stderr[-2000:])
         soak.cycles.append(cycle_record(soak, 0, started))
         deploy = Process("deploy", [sys.executable, "-m", "flows.deploy", "--params", "params.yaml"], env, project, logs)
+        while len(soak.deployment_ids()) < len(DEPLOYMENTS):  # served: the scheduler takes over from here
+            if not deploy.running():
+                raise RuntimeError(f"flows.deploy exited (rc {deploy.popen.returncode})\n{deploy.tail()}")
+            time.sleep(2)
         inbox = project / "data" / "inbox"
         for cycle in range(1, args.cycles + 1):
             cycle_started = time.time()
@@ -389,7 +393,11 @@ def main() -> None:
             if cycle % args.manual_every == 0:
                 soak.manual.append((cycle, Process(f"manual_{cycle:02d}", [str(BIN / "anomaly"), "run", "--params",
                                                                             "params.yaml"], env, project, logs)))
-            wait_cycle(soak, inbox, cycle_started, deploy, args.cycle_timeout)
+            try:
+                wait_cycle(soak, inbox, cycle_started, deploy, args.cycle_timeout)
+            except RuntimeError as error:  # reported, then the summary of what did happen
+                print(f"cycle {cycle}: {error}", flush=True)
+                break
             record = cycle_record(soak, cycle, cycle_started)
             soak.cycles.append(record)
             print(f"cycle {cycle}: {record['training_images']} training images, fit s {record['fit_seconds']}, "

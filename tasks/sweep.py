@@ -27,7 +27,7 @@ from anomaly_models.errors import AnomalyError
 from anomaly_models.leaderboard import METRICS
 from anomaly_models.runs import evaluate_model, train_model
 from tasks.dvc import NOT_VERSIONED, commit_data_version, data_folder, materialise_data
-from tasks.tracking import configure, git_commit, log_evaluation, log_history, start_run
+from tasks.tracking import TEST_SET_TAG, configure, git_commit, log_datasets, log_evaluation, log_history, start_run
 
 
 def cell_params(params: Params, method: str, subject: str, seed: int) -> Params:
@@ -85,6 +85,7 @@ def run_cell(params: Params, method: str, subject: str, seed: int, parent_run_id
         result.metrics["train_seconds"] = trained.model.metadata.get("train_seconds", trained.seconds)
         log_history(run_id, trained.model.history, result.metrics["train_seconds"])
         log_evaluation(run_id, result.metrics, [folder / "metrics.json"])
+        log_datasets(run_id, params, data_hash, data_version, result.metrics.get(TEST_SET_TAG))
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise

@@ -91,4 +91,7 @@ def mlflow_store(tmp_path, monkeypatch) -> str:
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     (tmp_path / "mlruns").mkdir()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)  # also for clients made before the code under test configures it
     return uri

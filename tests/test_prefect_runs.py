@@ -34,7 +34,7 @@ def test_flow_run_is_named_summarised_and_linked_with_its_mlflow_run(tmp_path, m
         logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
 
     # <flow>-<model name>-<UTC time>-<6 hex>
-    assert re.fullmatch(r"pipeline-ae-mvtec-bottle-\d{8}-\d{6}-[0-9a-f]{6}", flow_run.name), flow_run.name
+    assert re.fullmatch(r"pipeline-ae-mvtec-bottle-smoke-\d{8}-\d{6}-[0-9a-f]{6}", flow_run.name), flow_run.name
 
     assert len(artifacts) == 1 and artifacts[0].type == "markdown"
     summary = artifacts[0].data

@@ -3,6 +3,8 @@ runs, leaderboard, skipping, failures, bad address."""
 
 from __future__ import annotations
 
+import json
+
 import os
 import shutil
 import socket
@@ -109,7 +111,8 @@ def test_sweep_runs_every_cell_as_a_child_run_and_skips_them_on_rerun(tmp_path, 
     parent = MlflowClient().get_run(result["parent_run_id"]).data
     assert parent.tags["dvc_data_version"] == version and version.endswith(".dir")
     assert {c.data.tags["dvc_data_version"] for c in children} == {version}
-    assert {c.data.params["data.root"] for c in children} == {str(project_data.resolve())}
+    sources = {json.loads(i.dataset.source)["uri"] for c in children for i in c.inputs.dataset_inputs}
+    assert sources == {str(project_data.resolve())}  # the datasets each cell logged (mlflow.log_input)
     widget = load_params(tmp_path / "params.yaml", overrides={"data": {"root": str(project_data), "category": "widget"}})
     hashes = {c.data.tags["data_hash"] for c in children if c.data.params["data.category"] == "widget"}
     assert hashes == {build_manifest(widget.data)["data_hash"]}  # the 7 training images, not the source's 6

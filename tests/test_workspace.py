@@ -17,6 +17,7 @@ import mlflow
 import yaml
 from mlflow.tracking import MlflowClient
 
+from anomaly_models.config import load_params
 from anomaly_models.files import file_sha256
 from tests.test_pipeline import NAME, REPO, write_params
 
@@ -117,7 +118,8 @@ def test_anomaly_run_leaves_the_workspace_dvc_tracks(tmp_path, mvtec_root):
     assert set(settings["model"]) == {"method", "image_size", "ae"} and "sweep" not in settings
 
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-    experiment = MlflowClient().get_experiment_by_name("anomaly-detection").experiment_id
+    name = load_params(repo / "params.yaml").register.experiment  # the smoke experiment of the test settings
+    experiment = MlflowClient().get_experiment_by_name(name).experiment_id
     again = command(repo, env, "anomaly", "run")
     assert "nothing changed since run" in again and "registered version" not in again
     assert len(MlflowClient().search_runs([experiment])) == 1
