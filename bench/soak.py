@@ -267,7 +267,8 @@ def restore_and_reevaluate(soak: Soak, row: dict, model_name: str, workdir: Path
     restore = soak.project / "soak_restore"
     restore.mkdir(exist_ok=True)
     name = f"v{row['version']}"
-    (restore / f"{name}.dvc").write_text(yaml.safe_dump({"outs": [{"md5": md5, "path": name}]}))
+    # `hash: md5` is DVC 3's cache layout (without it DVC looks in the 2.x cache and finds nothing)
+    (restore / f"{name}.dvc").write_text(yaml.safe_dump({"outs": [{"md5": md5, "hash": "md5", "path": name}]}))
     checkout = subprocess.run([str(BIN / "dvc"), "checkout", f"soak_restore/{name}.dvc"], cwd=soak.project,
                               env=soak.env, capture_output=True, text=True)
     data_root = restore / name
