@@ -218,7 +218,14 @@ def cancelling_runner():
     return CancellingRunner(pause_on_shutdown=True)
 
 
-def serve_deployments(deps: list, url: str, check_every: float = 2.0, misses: int = 2) -> None:
+# A loaded 2-core machine can keep a healthy server from answering for seconds (measured: a serve
+# stopped after two 2 s misses while tests ran beside it); a lost server is still noticed in ~30 s.
+API_CHECK_SECONDS = 5.0
+API_MISSES = 5
+
+
+def serve_deployments(deps: list, url: str, check_every: float = API_CHECK_SECONDS,
+                      misses: int = API_MISSES) -> None:
     """Serve the deployments here until SIGTERM or Ctrl-C (see `cancelling_runner`)."""
     threading.Thread(target=watch_api, args=(url, check_every, misses), daemon=True).start()
     runner = cancelling_runner()

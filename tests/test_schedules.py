@@ -110,14 +110,17 @@ class Server:
             return False
 
     def request(self, method: str, path: str, **kwargs) -> httpx.Response:
-        """One API call; a busy 2-core machine can stall sqlite for a while, so retry transport errors."""
+        """One API call; a busy 2-core machine can stall sqlite for a while (transport errors, or
+        503 when the server's database is busy), so retry those."""
         for attempt in range(4):
             try:
-                return httpx.request(method, f"{self.url}{path}", timeout=30, **kwargs)
+                response = httpx.request(method, f"{self.url}{path}", timeout=30, **kwargs)
+                if response.status_code != 503 or attempt == 3:
+                    return response
             except httpx.TransportError:
                 if attempt == 3:
                     raise
-                time.sleep(2)
+            time.sleep(2)
 
     def get(self, path: str) -> httpx.Response:
         return self.request("GET", path)
