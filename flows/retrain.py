@@ -27,7 +27,7 @@ from anomaly_models.errors import AnomalyError, ConfigError
 from flows.pipeline import described_by_file, run_pipeline
 from tasks import steps, workspace
 from tasks.prefect_runs import RUN_HOOKS, flow_run_namer
-from tasks.screening import screen_inbox
+from tasks.screening import champion_screen
 from tasks.summary import publish_run_summary
 
 
@@ -46,8 +46,8 @@ def retrain(params_file: str = "params.yaml", profile: str | None = None, workdi
     run_id = workspace.current_run_id("retrain")
     before = steps.prepare(params, workspace.run_folder(work, run_id) / "manifest-before.json")
     known = {entry["sha256"] for files in before["splits"].values() for entry in files}
-    screened = screen_inbox(params, inbox)  # the champion's verdict on each image (retrain.screen_with_champion)
-    report = steps.ingest(params, inbox, known, work, screened)
+    screen = champion_screen(params)  # the champion's verdicts (retrain.screen_with_champion)
+    report = steps.ingest(params, inbox, known, work, screen)
     rejected = {**quarantined, **report.rejected}
     if not report.accepted:
         return {"status": "nothing accepted", "rejected": rejected}

@@ -1,29 +1,31 @@
-"""The retrain flow's screening step: the registered champion scores the inbox images first.
+"""The retrain flow's screening: the registered champion scores the inbox images before they join
+the training data.
 
 An image the champion scores at or above its threshold looks anomalous to the best model there
 is, so it must not become a normal training image: the ingest moves it to the inbox's
-`rejected/` with its score and the threshold in `reasons.json`. The scoring is the library's
-(anomaly_models/screening.py); this step only finds the champion in the registry.
+`rejected/` with its score and the threshold in `reasons.json`. The ingest calls the screen only
+with the images that passed its own checks (the decoder-crash check among them), so a hostile file
+never reaches the in-process decoder here. The scoring is the library's
+(anomaly_models/screening.py); this module only finds the champion in the registry.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-
-from prefect import task
+from typing import Callable
 
 from anomaly_models import load_model
 from anomaly_models.config import Params
-from anomaly_models.data.common import list_images
-from anomaly_models.files import file_sha256
 from anomaly_models.screening import anomalous, score_images
 from tasks.registry import champion_checkpoint
 
+Screen = Callable[[list[Path]], dict[Path, str | None]]
 
-@task(name="screen-inbox")
-def screen_inbox(params: Params, inbox: Path) -> dict[str, str | None] | None:
-    """{sha256: reason to reject, or None to accept} for each readable inbox image, by the
-    champion's score; None (nothing screened) when screening is off or there is no champion."""
+
+def champion_screen(params: Params) -> Screen | None:
+    """The champion's screen for `ingest_inbox`: {path: reason to reject, or None to accept} for
+    the images it is given; None (nothing screened) when screening is off, there is no champion,
+    or the champion has no threshold, each said in one line."""
     name = params.registered_name()
     if not params.retrain.screen_with_champion:
         print("retrain.screen_with_champion is false: inbox images are not screened")
@@ -37,10 +39,12 @@ def screen_inbox(params: Params, inbox: Path) -> dict[str, str | None] | None:
     if not model.threshold:
         print(f"{name} champion v{version} has no threshold: inbox images are accepted without screening")
         return None
-    paths = list_images(Path(inbox))
-    digests = {path: file_sha256(path) for path in paths}
-    scores = score_images(model, paths, params.evaluate.batch_size, params.train.device)
-    reasons = anomalous(model, scores, f"champion v{version} of {name}")
-    print(f"screened {len(scores)} inbox image(s) with {name} champion v{version} "
-          f"(threshold {model.threshold['value']:.4g}): {len(reasons)} anomalous")
-    return {digests[path]: reasons.get(path) for path in scores}
+
+    def screen(paths: list[Path]) -> dict[Path, str | None]:
+        scores = score_images(model, paths, params.evaluate.batch_size, params.train.device)
+        reasons = anomalous(model, scores, f"champion v{version} of {name}")
+        print(f"screened {len(scores)} inbox image(s) with {name} champion v{version} "
+              f"(threshold {model.threshold['value']:.4g}): {len(reasons)} anomalous")
+        return {path: reasons.get(path) for path in paths}
+
+    return screen

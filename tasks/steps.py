@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from anomaly_models import load_model
 from anomaly_models.base import MODELS
@@ -27,6 +28,7 @@ from anomaly_models.runs import train_model, write_evaluation
 from tasks import workspace
 from tasks.dvc import commit_data_version, data_folder, materialise_data
 from tasks.prefect_runs import TRANSIENT_RETRIES, TRANSIENT_RETRY_DELAY_SECONDS
+from tasks.screening import Screen
 from tasks.tracking import configure, record_run
 
 
@@ -127,16 +129,16 @@ def publish(params: Params, workdir: Path, run_dir: Path, record: dict[str, Any]
     return done
 
 
-@task(name="ingest")
+@task(name="ingest", cache_policy=NO_CACHE)  # moves files: never a cached result; its screen holds a model
 def ingest(params: Params, inbox: Path, known_hashes: set[str], workdir: Path,
-           screened: dict[str, str | None] | None = None) -> InboxReport:
+           screen: Screen | None = None) -> InboxReport:
     """Validate new normal images, move them into the training folder (rejects kept aside) and
     record that as a DVC version, all or nothing: a failure anywhere puts every file back.
-    `screened`: the champion's verdicts (tasks/screening.py), None when not screened."""
+    `screen`: the champion's verdicts on the images that passed the checks (tasks/screening.py)."""
     with workspace.workspace_lock(workdir):  # data ingestion: no run reads a half-added folder's version
         report = ingest_inbox(inbox, params.data, known_hashes,
                               commit=lambda: commit_data_version(workdir, data_folder(params, workdir)),
-                              screened=screened)
+                              screen=screen)
     for name, reason in report.rejected.items():
         print(f"rejected {name}: {reason}")
     print(f"{len(report.accepted)} new normal image(s) added, {len(report.rejected)} rejected")

@@ -15,7 +15,6 @@ from PIL import Image, ImageEnhance
 
 from anomaly_models.config import load_params
 from anomaly_models.data.inbox import ingest_inbox
-from anomaly_models.files import file_sha256
 
 SIZE = 128  # pixels of the copied images (the model reads them at 64)
 
@@ -95,28 +94,39 @@ def test_the_champion_quarantines_altered_defects_and_accepts_altered_normals(pr
 
 
 def test_no_champion_or_screening_off_accepts_and_says_so(tmp_path, tiny_mvtec, mlflow_store, capsys):
-    from tasks.screening import screen_inbox
+    from tasks.screening import champion_screen
 
     params_file = tmp_path / "params.yaml"
     raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
     raw["data"].update(root=str(tiny_mvtec), category="widget")
     raw["profile"] = None
     params_file.write_text(yaml.safe_dump(raw))
-    assert screen_inbox.fn(load_params(params_file), tmp_path) is None
+    assert champion_screen(load_params(params_file)) is None
     assert "patchcore-mvtec-widget has no champion yet: inbox images are accepted without screening" in capsys.readouterr().out
     raw["retrain"]["screen_with_champion"] = False
     params_file.write_text(yaml.safe_dump(raw))
-    assert screen_inbox.fn(load_params(params_file), tmp_path) is None
+    assert champion_screen(load_params(params_file)) is None
     assert "retrain.screen_with_champion is false" in capsys.readouterr().out
 
 
-def test_an_image_that_arrived_after_the_screening_waits_in_the_inbox(tmp_path, tiny_mvtec):
+def test_the_screen_sees_only_images_that_passed_the_inbox_checks(tmp_path, tiny_mvtec):
+    """The champion decodes in-process, so it must never see a file the ingest's own checks (the
+    decoder-crash check among them) refused; its verdicts reject the rest with its reason."""
     params = load_params(Path(__file__).resolve().parents[1] / "params.yaml", overrides={
         "data": {"root": str(tiny_mvtec), "category": "widget"}})
     train = sorted((tiny_mvtec / "widget" / "train" / "good").glob("*.png"))
     inbox = tmp_path / "inbox"
-    early, late = (altered(source, inbox / name, i, size=64) for i, (source, name) in
-                   enumerate(zip(train, ("early.png", "late.png"))))  # the dataset's images are 64 px
-    report = ingest_inbox(inbox, params.data, set(), screened={file_sha256(early): None})
-    assert len(report.accepted) == 1 and not report.rejected
-    assert late.exists() and not early.exists()
+    kept, flagged = (altered(source, inbox / name, i, size=64) for i, (source, name) in
+                     enumerate(zip(train, ("kept.png", "flagged.png"))))  # the dataset's images are 64 px
+    (inbox / "broken.png").write_bytes(b"not an image")
+    seen = []
+
+    def screen(paths):
+        seen.extend(paths)
+        return {path: "the champion says no" if path == flagged else None for path in paths}
+
+    report = ingest_inbox(inbox, params.data, set(), screen=screen)
+    assert sorted(seen) == sorted([kept, flagged])
+    assert len(report.accepted) == 1 and not kept.exists()
+    assert report.rejected["flagged.png"] == "the champion says no"
+    assert "the champion" not in report.rejected["broken.png"]

@@ -88,13 +88,12 @@ def journal_path(inbox: str | Path) -> Path:
 
 def ingest_inbox(inbox: str | Path, config: DataConfig, known_hashes: set[str],
                  commit: Callable[[], Any] = lambda: None,
-                 screened: Mapping[str, str | None] | None = None) -> InboxReport:
+                 screen: Callable[[list[Path]], Mapping[Path, str | None]] | None = None) -> InboxReport:
     """Validate every image in `inbox`, move each into the training folder or to rejected/, and
     `commit` (version) the result; on any failure every file goes back where it was.
 
-    `screened` ({sha256: reason to reject, or None}, anomaly_models/screening.py): a valid image
-    it gives a reason for is rejected with it, and one it does not know (arrived after the
-    screening) stays in the inbox for the next ingest."""
+    `screen` (e.g. the champion's scores, anomaly_models/screening.py) sees only the images that
+    passed every check, decoder-crash check included, and returns {path: reason to reject, or None}."""
     inbox = Path(inbox)
     target = normal_train_folder(config)
     recover_inbox(inbox, target)
@@ -108,7 +107,7 @@ def ingest_inbox(inbox: str | Path, config: DataConfig, known_hashes: set[str],
     reference = load_image(training[0])
     paths = list_images(inbox)
     crashed = _decode_in_child(paths)
-    seen, moves, reasons = set(known_hashes), [], {}
+    seen, checked = set(known_hashes), []
     for path in paths:
         if path.is_symlink():
             reason, digest = LINKED, None
@@ -118,16 +117,19 @@ def ingest_inbox(inbox: str | Path, config: DataConfig, known_hashes: set[str],
             reason, digest = _verify(path, reference, seen)
         if reason is None and (target / f"inbox_{digest[:16]}{path.suffix.lower()}").exists():
             reason = "duplicate of an image already in the training folder"
-        if reason is None and screened is not None:
-            if digest not in screened:
-                continue
-            reason = screened[digest]
+        if reason is None:
+            seen.add(digest)
+        checked.append((path, reason, digest))
+    if screen is not None:
+        verdicts = screen([path for path, reason, _ in checked if reason is None])
+        checked = [(path, reason or verdicts.get(path), digest) for path, reason, digest in checked]
+    moves, reasons = [], {}
+    for path, reason, digest in checked:
         if reason:
             destination = _unused(inbox / REJECTED, path.name, {d for _, d in moves})
             report.rejected[display_path(path.name)] = reason
             reasons[destination.name] = reason
         else:
-            seen.add(digest)
             destination = target / f"inbox_{digest[:16]}{path.suffix.lower()}"
             report.accepted.append(destination)
         moves.append((path, destination))
