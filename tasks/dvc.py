@@ -13,7 +13,6 @@ workspace lock, so overlapping runs queue instead of failing on DVC's own lock.
 from __future__ import annotations
 
 import dataclasses
-import logging
 from contextlib import chdir
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import yaml
 from anomaly_models.config import Params
 from anomaly_models.data.download import materialise_dataset
 from anomaly_models.errors import DataError
-from tasks.workspace import workspace_lock
+from tasks.workspace import quiet_dvc, workspace_lock
 
 
 NOT_VERSIONED = "none (not a DVC project)"  # the dvc_data_version tag of a run outside a DVC project
@@ -54,11 +53,8 @@ def commit_data_version(workdir: Path, data_dir: Path) -> str | None:
         print(f"{workdir} is not a DVC project: the data is not versioned")
         return None
     target = _relative(workdir, data_dir)
-    dvc_log = logging.getLogger("dvc")
-    level = dvc_log.level
-    dvc_log.setLevel(logging.WARNING)  # its lock-file notes, printed again by Prefect's handler
     try:
-        with workspace_lock(workdir), chdir(workdir):  # DVC resolves stage paths against the cwd
+        with quiet_dvc(), workspace_lock(workdir), chdir(workdir):  # DVC resolves stage paths against the cwd
             with Repo(".") as repo:
                 repo.index.check_graph()  # as `dvc repro` does: no output tracked twice
                 stages = [s for s in repo.index.stages if any(str(o.def_path) == target for o in s.outs)]
@@ -75,8 +71,6 @@ def commit_data_version(workdir: Path, data_dir: Path) -> str | None:
         raise DataError(f"{target} is tracked twice, by {target}.dvc (a flow run's dataset) and by "
                         f"dvc.yaml's download stage (the dataset of params.yaml): `dvc remove "
                         f"{target}.dvc` hands it to the stage, keeping the folder and its versions") from None
-    finally:
-        dvc_log.setLevel(level)
     return data_version(workdir, data_dir)
 
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-from contextlib import closing
 import subprocess
 import time
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +19,13 @@ import mlflow
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
+from anomaly_models.gate import TEST_SET_KEY
+from tasks.dvc import NOT_VERSIONED
+
 DEFAULT_STORE = Path("mlruns")
 PARAMS_PER_BATCH = 100  # MLflow's limits for one log_batch call
 METRICS_PER_BATCH = 1000
-TEST_SET_TAG = "test_set_sha256"  # also the key in the evaluation metrics (anomaly_models.runs)
+TEST_SET_TAG = TEST_SET_KEY  # the evaluation metrics' key (anomaly_models.gate), also a run tag
 DATA_VERSION_TAG = "dvc_data_version"  # DVC's md5 of data/<dataset>, or "none (...)" outside DVC
 
 
@@ -42,12 +45,20 @@ def configure(experiment: str) -> str:
 def configure_uri() -> str:
     """Set MLflow's tracking URI: $MLFLOW_TRACKING_URI, else the sqlite store under mlruns/."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
+    uri = tracking_uri()
+    if uri == default_uri():
         DEFAULT_STORE.mkdir(exist_ok=True)
-        uri = f"sqlite:///{(DEFAULT_STORE / 'mlflow.db').resolve()}"
     mlflow.set_tracking_uri(uri)
     return uri
+
+
+def default_uri() -> str:
+    return f"sqlite:///{(DEFAULT_STORE / 'mlflow.db').resolve()}"
+
+
+def tracking_uri() -> str:
+    """$MLFLOW_TRACKING_URI, else the sqlite store under mlruns/."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_uri()
 
 
 def check_store() -> None:
@@ -58,7 +69,7 @@ def check_store() -> None:
 
     from anomaly_models.errors import ConfigError
 
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_STORE / 'mlflow.db'}"
+    uri = tracking_uri()
     if not uri.startswith("sqlite:///"):
         return
     path = Path(uri.removeprefix("sqlite:///"))
@@ -154,7 +165,7 @@ def record_run(
         train_skipped = bool(earlier)
     run_name = run_name or unique_run_name(params.registered_name())  # a flow passes its run id
     run_id = start_run(params, model.metadata.get("data_hash") or "unknown", run_name, tags={
-        DATA_VERSION_TAG: data_version or "none (not a DVC project)",
+        DATA_VERSION_TAG: data_version or NOT_VERSIONED,
         "model_fingerprint": model.fingerprint(), "checkpoint_sha256": checkpoint_sha,
         "train_skipped": str(train_skipped).lower(),
     })
@@ -192,7 +203,7 @@ def log_datasets(run_id: str, params, data_hash: str | None, data_version: str |
             if digest:  # MLflow keeps 36 characters of a digest; the tag holds all of it
                 dataset = MetaDataset(source, f"{params.data.dataset}-{params.data.subject}-{split}", digest[:36])
                 mlflow.log_input(dataset, context, tags={
-                    DATA_VERSION_TAG: data_version or "none (not a DVC project)", "sha256": digest})
+                    DATA_VERSION_TAG: data_version or NOT_VERSIONED, "sha256": digest})
 
 
 def log_history(run_id: str, history: list[dict], train_seconds: float | None) -> None:
