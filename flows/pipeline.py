@@ -68,6 +68,9 @@ def run_pipeline(params: Params, workdir: Path, run_id: str | None = None, profi
               "not trained, evaluated or logged again")
         return {"status": "unchanged", "run_id": same.get("mlflow_run_id"), "same_as": same["run_id"], **common}
     steps.pretrain(params, run_dir)
+    adopted = workspace.adopt_unfinished_training(workdir, run_dir)
+    if adopted is not None:
+        print(f"training state of {adopted.parent.name} copied in: resumed if it is this model's")
     checkpoint, skipped = steps.train(params, run_dir / "model.pt", manifest["data_hash"])
     metrics, files = steps.evaluate(params, checkpoint, run_dir)
     decision = steps.track(params, checkpoint, metrics, files, data_version, skipped, run_id)

@@ -45,6 +45,7 @@ RUN_FILES = {
     "plots": "plots",
     "settings.yaml": "settings.yaml",
 }
+PARTIAL_CHECKPOINT = "model.pt.partial"  # what training writes after each epoch (runs.train_model)
 RUN_MANIFEST = "manifest.json"  # published as data/manifest.json with paths relative to the project
 WORKSPACE_MANIFEST = "data/manifest.json"
 
@@ -88,6 +89,30 @@ def workspace_lock(workdir: str | Path, timeout: float = LOCK_TIMEOUT_SECONDS) -
         yield
     finally:
         lock.release()
+
+
+def adopt_unfinished_training(workdir: str | Path, run_dir: Path) -> Path | None:
+    """Let a run resume what a killed run was training: the newest `runs/*/model.pt.partial` of
+    another run (a finished training removes its own) is copied into `run_dir`; the library resumes
+    from it only when its fingerprint (settings and data) is this model's, and ignores it otherwise.
+    Copied, not moved: the run that writes it may still be training. Returns the source, or None."""
+    mine = Path(run_dir) / PARTIAL_CHECKPOINT
+    if mine.exists():
+        return None
+    found = []
+    for path in (Path(workdir) / RUNS_FOLDER).glob(f"*/{PARTIAL_CHECKPOINT}"):
+        try:
+            found.append((path.stat().st_mtime, path))
+        except FileNotFoundError:  # that run just finished
+            continue
+    if not found:
+        return None
+    newest = max(found)[1]
+    try:
+        shutil.copy2(newest, mine)
+    except FileNotFoundError:  # that run just finished
+        return None
+    return newest
 
 
 def code_version() -> str:

@@ -137,3 +137,28 @@ def test_anomaly_run_leaves_the_workspace_dvc_tracks(tmp_path, mvtec_root):
     header = command(clone, env, "dvc", "exp", "show", "--drop", EXP_SHOW_DROP, "--csv").splitlines()[0].split(",")
     assert "settings.yaml:model.ae.base_channels" in header and "image_auroc" in header
     assert not [column for column in header if "memae" in column] and len(header) < 80, header
+
+
+def test_a_run_resumes_the_training_a_killed_run_left(tmp_path, tiny_mvtec, monkeypatch, caplog):
+    """Each run trains in its own folder, so a run after a killed one takes over the killed run's
+    epoch state (runs/<id>/model.pt.partial) instead of starting again; nothing is retrained."""
+    import logging
+
+    from anomaly_models.runs import train_model
+    from anomaly_models.training import EpochCheckpoint
+    from tasks.workspace import adopt_unfinished_training
+
+    params = load_params(REPO / "params.yaml", "test", {"data": {"root": str(tiny_mvtec), "category": "widget"}})
+    killed, after = tmp_path / "runs" / "killed", tmp_path / "runs" / "after"
+    killed.mkdir(parents=True)
+    with monkeypatch.context() as patch:
+        patch.setattr(EpochCheckpoint, "remove", lambda self: None)  # killed after its last epoch was saved
+        first = train_model(params, killed / "model.pt")
+    (killed / "model.pt").unlink()  # ... before the model was saved
+    after.mkdir()
+    assert adopt_unfinished_training(tmp_path, after) == killed / "model.pt.partial"
+    assert adopt_unfinished_training(tmp_path, after) is None  # its own state is never overwritten
+    with caplog.at_level(logging.INFO, "anomaly_models"):
+        second = train_model(params, after / "model.pt")
+    assert "resuming from" in caplog.text and second.model.history == first.model.history
+    assert (killed / "model.pt.partial").is_file()  # copied: the other run's state is left alone
