@@ -51,8 +51,15 @@ def run_pipeline(params: Params, workdir: Path, run_id: str | None = None, profi
     before training: that run's model and numbers stand."""
     workdir = Path(workdir)
     run_id = run_id or workspace.current_run_id("pipeline")
-    run_dir = workspace.run_folder(workdir, run_id)
     params = steps.download(params, workdir)
+    with workspace.training_lock(workdir, params.registered_name()):
+        return train_and_publish(params, workdir, workspace.run_folder(workdir, run_id), profile, as_file)
+
+
+def train_and_publish(params: Params, workdir: Path, run_dir: Path, profile: str | None, as_file: bool) -> dict:
+    """From reading the data version to publishing: what a run does while it holds its model's
+    training lock, so a run that waited for it sees the data and the result of the one before."""
+    run_id = run_dir.name
     data_version, data_read_at = steps.version_data(params, workdir)
     steps.tracking_store(params, workdir)
     manifest = steps.prepare(params, run_dir / workspace.RUN_MANIFEST)

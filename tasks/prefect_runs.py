@@ -89,10 +89,13 @@ def _run_log_handler() -> logging.Handler:
 
 def supersede_waiting_runs(flow, flow_run, state) -> None:
     """on_running hook of a deployment's run: the other runs of the same deployment with the same
-    parameters that were due by now and still wait (Late after a downtime, or queued behind this
-    one) are cancelled, named as superseded by this run: it works on the newest data and settings,
-    so a backlog collapses into one run instead of piling up. Runs scheduled later are left alone
-    and queue (ONE_RUN_AT_A_TIME). In-process runs (no deployment) have nothing to collapse."""
+    parameters that were due before this run started and still wait (Late after a downtime, or
+    queued behind this one) are cancelled, named as superseded by this run: it works on the newest
+    data and settings, so a backlog collapses into one run instead of piling up. Runs due after
+    this one started (scheduled later, or asked for while it runs: they may be about data that
+    arrived meanwhile) are left alone and queue. The cut-off is the Running state's own time, not
+    the hook's: on a busy machine the hook runs seconds later, after such a request.
+    In-process runs (no deployment) have nothing to collapse."""
     if flow_run.deployment_id is None:
         return
     from prefect import get_client
@@ -106,7 +109,7 @@ def supersede_waiting_runs(flow, flow_run, state) -> None:
     due = FlowRunFilter(
         deployment_id=FlowRunFilterDeploymentId(any_=[flow_run.deployment_id]),
         state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])),
-        expected_start_time=FlowRunFilterExpectedStartTime(before_=datetime.now(timezone.utc)),
+        expected_start_time=FlowRunFilterExpectedStartTime(before_=state.timestamp or datetime.now(timezone.utc)),
     )
     logger = _run_logger()
     with get_client(sync_client=True) as client:

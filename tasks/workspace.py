@@ -5,7 +5,8 @@ publishing a finished run's outputs to what DVC tracks.
 Runs that overlap (a schedule tick, a retrain, a manual `anomaly run`, sweep cells) each work in
 their own folder `runs/<run id>/`; only the steps that change what DVC tracks (`data/<dataset>`,
 `models/`, `metrics/`, `plots/`, `settings.yaml`) or call DVC take `workspace_lock`, so they queue
-instead of failing on DVC's own lock or mixing each other's files. Training never holds it.
+instead of failing on DVC's own lock or mixing each other's files. Training never holds it; it
+holds `training_lock`, one per registered model, so two doors never train the same model at once.
 
 Publish rule: the workspace holds what `dvc repro` of params.yaml would produce, from the newest
 data. A finished run publishes when its settings are params.yaml's own (no `--profile`/`--set`
@@ -85,6 +86,28 @@ def workspace_lock(workdir: str | Path, timeout: float = LOCK_TIMEOUT_SECONDS) -
     except Timeout:
         raise AnomalyError(f"{path}: another run held the workspace lock for over {timeout:.0f} s; "
                            f"check for a stuck `anomaly run` or retrain") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+@contextmanager
+def training_lock(workdir: str | Path, model_name: str) -> Iterator[None]:
+    """One run at a time reads the data, trains and publishes a given registered model, whichever
+    door started it (a schedule tick, a retrain, `anomaly run`); the others wait their turn. The
+    one that waited then reads the data as it is by then and finds the first run's result
+    published (nothing changed: it stops) instead of training the same model side by side on the
+    same 2 cores. No time limit: how long training takes is the method's business. An OS file
+    lock, so a killed holder frees it."""
+    path = Path(workdir).resolve() / RUNS_FOLDER / f".training-{model_name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path), is_singleton=True)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"another run is training {model_name}: waiting for it to finish ({path})")
+        lock.acquire()
     try:
         yield
     finally:

@@ -64,17 +64,25 @@ def command(repo: Path, env: dict, *args: str) -> str:
 
 
 def test_overlapping_runs_each_register_their_own_checkpoint(tmp_path, mvtec_root):
-    """Three `anomaly run`s started at once (a backlog: the first fills data/mvtec, every one
-    versions it with DVC) all finish without a DVC LockError; each trained in its own
-    runs/<run id>/, and each registered version's artifact is that run's checkpoint."""
+    """Four `anomaly run`s started at once (a backlog: the first fills data/mvtec, every one
+    versions it with DVC) all finish without a DVC LockError; they train the model one at a time,
+    each in its own runs/<run id>/, and each registered version's artifact is that run's
+    checkpoint. The two with params.yaml's own settings train once: the one that waited finds the
+    other's result published and stops."""
     repo, env = make_project(tmp_path, mvtec_root)
-    seeds = (0, 5, 9)  # seed 0 is params.yaml's own: that run may publish
+    seeds = (0, 0, 5, 9)  # seed 0 is params.yaml's own: such a run may publish
     started = [subprocess.Popen(["anomaly", "run", "--set", f"train.seed={seed}"], cwd=repo,
-                                env={**env, **own_prefect_home(tmp_path)},
+                                env={**env, **own_prefect_home(tmp_path), "PREFECT_LOGGING_LEVEL": "INFO"},
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for seed in seeds]
     outputs = [process.communicate(timeout=RUN_TIMEOUT_SECONDS)[0] for process in started]
     for process, output in zip(started, outputs):
         assert process.returncode == 0 and "LockError" not in output, output
+    # one training at a time: each run's span, from its settings to its registry record, is apart
+    spans = sorted(((folder / "settings.yaml").stat().st_mtime_ns, (folder / "register.json").stat().st_mtime_ns)
+                   for folder in (repo / "runs").iterdir() if (folder / "register.json").exists())
+    assert len(spans) == 3 and all(later[0] >= earlier[1] for earlier, later in zip(spans, spans[1:])), spans
+    stopped = [output for output in outputs[:2] if "nothing changed since run" in output]
+    assert len(stopped) == 1, outputs[:2]
 
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     client = MlflowClient()
@@ -137,6 +145,25 @@ def test_anomaly_run_leaves_the_workspace_dvc_tracks(tmp_path, mvtec_root):
     header = command(clone, env, "dvc", "exp", "show", "--drop", EXP_SHOW_DROP, "--csv").splitlines()[0].split(",")
     assert "settings.yaml:model.ae.base_channels" in header and "image_auroc" in header
     assert not [column for column in header if "memae" in column] and len(header) < 80, header
+
+
+def test_dvc_repro_of_another_category_keeps_the_images_retraining_added(tmp_path, tiny_mvtec):
+    """data/<dataset> grows (the retrain flow adds images and commits the version). `dvc repro`
+    after params.yaml switches category must add the new category beside it, not delete the
+    folder first (DVC's default for a stage's outputs) and lose the added images."""
+    shutil.copytree(tiny_mvtec / "widget", tiny_mvtec / "gadget")
+    repo, env = make_project(tmp_path, tiny_mvtec)
+    write_params(repo, tiny_mvtec, data={"root": str(tiny_mvtec), "category": "widget"})
+    command(repo, env, "dvc", "repro", "download")
+    good = repo / "data" / "mvtec" / "widget" / "train" / "good"
+    added = good / "added.png"
+    shutil.copy(next(good.glob("*.png")), added)
+    command(repo, env, "dvc", "commit", "-f", "-q", "download")  # what the retrain flow's ingest does
+
+    write_params(repo, tiny_mvtec, data={"root": str(tiny_mvtec), "category": "gadget"})
+    assert "Running stage 'download'" in command(repo, env, "dvc", "repro", "download")
+    assert (repo / "data" / "mvtec" / "gadget" / "train" / "good").is_dir()
+    assert added.is_file()
 
 
 def test_a_run_resumes_the_training_a_killed_run_left(tmp_path, tiny_mvtec, monkeypatch, caplog):
