@@ -236,7 +236,7 @@ def registry_report(soak: Soak, model_name: str) -> tuple[list[dict], list[str]]
     for version in versions:
         run = client.get_run(version.run_id)
         with tempfile.TemporaryDirectory() as folder:
-            local = Path(mlflow.artifacts.download_artifacts(f"runs:/{version.run_id}/checkpoint", dst_path=folder))
+            local = Path(mlflow.artifacts.download_artifacts(f"models:/{model_name}/{version.version}", dst_path=folder))
             artifact = sha256(next(local.rglob("*.pt")))
         run_folder = soak.project / "runs" / run.info.run_name / "model.pt"
         recorded = run.data.tags.get("checkpoint_sha256")

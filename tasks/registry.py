@@ -32,7 +32,6 @@ from tasks import pyfunc
 from tasks.dvc import data_version
 from tasks.tracking import DATA_VERSION_TAG, TEST_SET_TAG, record_run
 
-CHECKPOINT_ARTIFACT = "checkpoint"
 # The library travels inside the logged model, so it is served from any folder or machine.
 LIBRARY = Path(anomaly_models.__file__).parent
 FINGERPRINT_TAG = "fingerprint"  # model version tag: the settings and data it was trained from
@@ -82,7 +81,7 @@ def register_model_version(
     }
     champion_metrics = None
     if champion is not None:
-        champion_metrics, evidence = _champion_metrics(client, champion.run_id, params, challenger_evidence)
+        champion_metrics, evidence = _champion_metrics(client, champion, params, challenger_evidence)
         decision.update(champion_version=int(champion.version), champion=champion_metrics.get(gate.gate_metric),
                         champion_source=evidence["source"], champion_evidence=evidence)
     promoted, comparisons, decided_by = decide(metrics, champion_metrics, gate)
@@ -95,10 +94,10 @@ def register_model_version(
 
 
 def _log_model(run_id: str, checkpoint: Path):
-    """The checkpoint as an artifact and as the pyfunc model (signature and input example)."""
+    """The checkpoint inside the pyfunc model (signature and input example): logged once, since
+    every version adds its size to the store (download_checkpoint reads it back)."""
     started = time.perf_counter()
     with mlflow.start_run(run_id=run_id):
-        mlflow.log_artifact(str(checkpoint), CHECKPOINT_ARTIFACT)
         info = mlflow.pyfunc.log_model(
             name="model", python_model=pyfunc.__file__, signature=pyfunc.SIGNATURE,
             input_example=pyfunc.input_example(), artifacts={"checkpoint": str(checkpoint)},
@@ -161,10 +160,11 @@ def _data_version(tags: dict) -> str | None:
     return None if not value or value.startswith("none") else value
 
 
-def _champion_metrics(client: MlflowClient, run_id: str, params: Params, challenger: dict) -> tuple[dict, dict]:
+def _champion_metrics(client: MlflowClient, champion, params: Params, challenger: dict) -> tuple[dict, dict]:
     """The champion's metrics on the challenger's test split and data version, and their evidence:
     its logged numbers when its run was evaluated on the same test split, data version and
     settings, else a re-evaluation of its checkpoint on the current test split."""
+    run_id = champion.run_id
     run = client.get_run(run_id).data
     evidence = {"run_id": run_id, TEST_SET_TAG: run.tags.get(TEST_SET_TAG),
                 DATA_VERSION_TAG: _data_version(run.tags)}
@@ -175,17 +175,15 @@ def _champion_metrics(client: MlflowClient, run_id: str, params: Params, challen
     ) if not same]
     if not differs:
         return dict(run.metrics), {**evidence, "source": "logged (same test set)"}
-    metrics = _evaluate_version(client, run_id, params)
+    metrics = _evaluate_version(f"models:/{champion.name}/{champion.version}", params)
     evidence.update({TEST_SET_TAG: metrics.get(TEST_SET_TAG), DATA_VERSION_TAG: challenger[DATA_VERSION_TAG],
                      "source": "re-evaluated", "why": f"{' and '.join(differs)} differ{'s' if len(differs) == 1 else ''}"})
     return metrics, evidence
 
 
-def _evaluate_version(client: MlflowClient, run_id: str, params: Params) -> dict:
+def _evaluate_version(model_uri: str, params: Params) -> dict:
     with tempfile.TemporaryDirectory() as folder:
-        local = client.download_artifacts(run_id, CHECKPOINT_ARTIFACT, folder)
-        checkpoint = next(Path(local).glob("*.pt"))
-        return evaluate_model(load_model(checkpoint), params).metrics
+        return evaluate_model(load_model(download_checkpoint(model_uri, folder)), params).metrics
 
 
 def register_trained(params: Params, checkpoint: Path, metrics_path: Path, files: list[Path],
@@ -216,13 +214,14 @@ def champion_checkpoint(params: Params) -> tuple[Path, int] | None:
     return download_checkpoint(f"models:/{name}/{champion.version}"), int(champion.version)
 
 
-def download_checkpoint(model_uri: str) -> Path:
-    """The checkpoint file behind an MLflow model URI (models:/NAME@alias, models:/NAME/3, runs:/...)."""
+def download_checkpoint(model_uri: str, folder: str | None = None) -> Path:
+    """The checkpoint file behind an MLflow model URI (models:/NAME@alias, models:/NAME/3,
+    runs:/RUN/model), downloaded into `folder` (default: a new temporary folder)."""
     from tasks.tracking import configure_uri
 
     configure_uri()
     try:
-        local = Path(mlflow.artifacts.download_artifacts(f"{model_uri.rstrip('/')}/artifacts"))
+        local = Path(mlflow.artifacts.download_artifacts(f"{model_uri.rstrip('/')}/artifacts", dst_path=folder))
     except MlflowException as error:  # unknown name, alias, version or run: one line, not a traceback
         raise ConfigError(f"cannot load {model_uri} from {mlflow.get_tracking_uri()}: "
                           f"{error.message.splitlines()[0]}{_registered(model_uri)}") from None

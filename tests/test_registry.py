@@ -98,6 +98,10 @@ def test_a_tie_on_the_gate_metric_is_decided_by_the_tie_break_both_ways(variants
     inputs = run.inputs.dataset_inputs
     assert all({t.key: t.value for t in i.tags}["dvc_data_version"] == "v2.dir" for i in inputs)
     assert "Gate: promoted when better" in client.get_registered_model("down").description
+    # Each version stores its checkpoint once (inside the pyfunc model): the store grows by one
+    # checkpoint per version, not two.
+    store = Path(mlflow_store.removeprefix("sqlite:///")).parent / "artifacts"
+    assert len(list(store.rglob("*.pt"))) == len(client.search_model_versions("name IN ('up', 'down')")) == 4
 
 
 def test_tie_break_settings_are_validated():
