@@ -8,7 +8,8 @@ PREFECT_API_URL pointing at it (e.g. http://127.0.0.1:4200/api). Schedules come 
 
 serves both deployments from this process until Ctrl-C or SIGTERM: a run in progress then ends
 CANCELLED, and the schedules are paused (which deletes their runs not yet started). If the API
-stops answering, it exits with status 3 and one line instead of waiting on the lost server.
+is gone (connections refused for ~25 s) or silent for 5 minutes, it exits with status 3 and one
+line instead of waiting on the lost server; a server that is only slow is waited for.
 
 Each deployment runs one flow run at a time (a deployment concurrency limit of 1, ENQUEUE: a run
 asked for meanwhile waits as AwaitingConcurrencySlot); when a run starts, the other runs of its
@@ -64,10 +65,19 @@ def api_url() -> str:
 
 
 def api_healthy(url: str, timeout: float = 3.0) -> bool:
+    return api_answer(url, timeout) == "answered"
+
+
+def api_answer(url: str, timeout: float) -> str:
+    """How the API's health check went: "answered", "refused" (nothing listens at the URL: the
+    server is gone) or "silent" (no answer in time: a busy or hung server)."""
     try:
-        return httpx.get(f"{url}/health", timeout=timeout).status_code == 200
+        response = httpx.get(f"{url}/health", timeout=timeout)
+    except httpx.ConnectError:
+        return "refused"
     except httpx.HTTPError:
-        return False
+        return "silent"
+    return "answered" if response.status_code == 200 else "silent"
 
 
 def project_relative(path: str) -> str:
@@ -170,14 +180,18 @@ def _stop_children() -> None:
         pass
 
 
-def watch_api(url: str, every: float, misses: int) -> None:
-    """Daemon thread body: once the API fails `misses` health checks in a row, say so in one line
-    and end the process (Prefect's own shutdown would retry the lost server for minutes)."""
-    failed = 0
+def watch_api(url: str, every: float, refused_checks: int, silent_seconds: float) -> None:
+    """Daemon thread body: once the API is gone (`refused_checks` refused connections in a row) or
+    has not answered for `silent_seconds`, say so in one line and end the process (Prefect's own
+    shutdown would retry the lost server for minutes)."""
+    refused, last_answer = 0, time.monotonic()
     while True:
         time.sleep(every)
-        failed = 0 if api_healthy(url, timeout=min(every, 3.0)) else failed + 1
-        if failed >= misses:
+        answer = api_answer(url, timeout=API_ANSWER_SECONDS)
+        refused = refused + 1 if answer == "refused" else 0
+        if answer == "answered":
+            last_answer = time.monotonic()
+        if refused >= refused_checks or time.monotonic() - last_answer >= silent_seconds:
             logging.disable(logging.CRITICAL)
             print(
                 f"error: the Prefect API at {url} stopped answering; stopped serving "
@@ -215,19 +229,43 @@ def cancelling_runner():
                 signal.signal(signal.SIGINT, self.handle_sigterm)  # Runner.start takes SIGTERM
             await super().start(*args, **kwargs)
 
+        async def cancel_all(self) -> None:
+            """Prefect's, except that a run which has already ended keeps its final state: its
+            process may still be exiting (a slow on_completion hook) when the stop comes, and
+            Prefect 3.8.8 forces its COMPLETED over to CANCELLED. Checked after the process is
+            stopped, so the run cannot end between the check and the state written."""
+            manager = self._cancellation_manager
+            finalize = manager._finalize_cancelled_state
+
+            async def finalize_unless_ended(flow_run, state_updates=None) -> bool:
+                current = (await self._client.read_flow_run(flow_run.id)).state
+                if current is not None and current.is_final():
+                    self._logger.info(f"flow run {flow_run.name!r} had already ended: stays {current.name}")
+                    return False
+                return await finalize(flow_run, state_updates)
+
+            manager._finalize_cancelled_state = finalize_unless_ended
+            await super().cancel_all()
+
     return CancellingRunner(pause_on_shutdown=True)
 
 
-# A loaded 2-core machine can keep a healthy server from answering for seconds (measured: a serve
-# stopped after two 2 s misses while tests ran beside it); a lost server is still noticed in ~30 s.
+# A server that is gone refuses connections: noticed after API_REFUSED_CHECKS checks (~25 s). A
+# busy one only answers late: on a loaded 2-core machine a healthy server missed 3 s health checks
+# for over 25 s in a row (CI, while a run was queued), so silence alone ends serving only after
+# API_SILENT_SECONDS: then the server hangs rather than works.
 API_CHECK_SECONDS = 5.0
-API_MISSES = 5
+API_ANSWER_SECONDS = 10.0
+API_REFUSED_CHECKS = 5
+API_SILENT_SECONDS = 300.0
 
 
-def serve_deployments(deps: list, url: str, check_every: float = API_CHECK_SECONDS,
-                      misses: int = API_MISSES) -> None:
+def serve_deployments(deps: list, url: str) -> None:
     """Serve the deployments here until SIGTERM or Ctrl-C (see `cancelling_runner`)."""
-    threading.Thread(target=watch_api, args=(url, check_every, misses), daemon=True).start()
+    threading.Thread(
+        target=watch_api, args=(url, API_CHECK_SECONDS, API_REFUSED_CHECKS, API_SILENT_SECONDS),
+        daemon=True,
+    ).start()
     runner = cancelling_runner()
     for deployment in deps:
         runner.add_deployment(deployment)

@@ -2,11 +2,14 @@
 
     python tests/schedule_flows.py serve OUT SECONDS          # serve `tick` here on an interval
     python tests/schedule_flows.py pool OUT SECONDS POOL      # apply `tick` to a work pool and return
-    python tests/schedule_flows.py work OUT SECONDS [BACKLOG] # serve `work` as flows.deploy does, one
-                                                              # run at a time, after creating BACKLOG
-                                                              # runs that were due 10 minutes ago
+    python tests/schedule_flows.py work OUT SECONDS [BACKLOG [LINGER]]
+                      # serve `work` as flows.deploy does, one run at a time, after creating BACKLOG
+                      # runs that were due 10 minutes ago; a run's process stays LINGER seconds
+                      # after the run completed (a slow on_completion hook)
 
 Each run appends one line (its flow-run id) to OUT, so a test sees that runs really executed.
+The `work` deployment is named `work-<OUT's folder>`: each test (its own tmp_path) has its own
+deployment and concurrency slot, so a run left behind by a failed test cannot hold up the next.
 """
 
 from __future__ import annotations
@@ -34,8 +37,12 @@ def tick(out: str) -> str:
     return run_id
 
 
-@flow(on_running=[supersede_waiting_runs])
-def work(out: str, seconds: float) -> str:
+def linger(flow, flow_run, state) -> None:
+    time.sleep(flow_run.parameters.get("linger", 0))
+
+
+@flow(on_running=[supersede_waiting_runs], on_completion=[linger])
+def work(out: str, seconds: float, linger: float = 0) -> str:
     """A run that takes a while, with the real deployments' backlog hook."""
     run_id = str(runtime.flow_run.id)
     with open(out, "a") as handle:
@@ -44,9 +51,13 @@ def work(out: str, seconds: float) -> str:
     return run_id
 
 
-def serve_work(out: str, seconds: float, backlog: int) -> None:
-    deployment = work.to_deployment(name="work-served", parameters={"out": out, "seconds": seconds},
-                                    concurrency_limit=ONE_RUN_AT_A_TIME)
+def work_deployment_name(out: str) -> str:
+    return f"work-{Path(out).parent.name}"
+
+
+def serve_work(out: str, seconds: float, backlog: int, linger_s: float) -> None:
+    deployment = work.to_deployment(name=work_deployment_name(out), concurrency_limit=ONE_RUN_AT_A_TIME,
+                                    parameters={"out": out, "seconds": seconds, "linger": linger_s})
     if backlog:
         deployment_id = deployment.apply()
         due = datetime.now(timezone.utc) - timedelta(minutes=10)
@@ -67,7 +78,7 @@ def main(argv: list[str]) -> int:
         deployment_id = source.to_deployment(name="tick-pool", **schedule).apply(work_pool_name=pool)
         print(deployment_id)
     elif mode == "work":
-        serve_work(out, seconds, int(argv[3]) if len(argv) > 3 else 0)
+        serve_work(out, seconds, int(argv[3]) if len(argv) > 3 else 0, float(argv[4]) if len(argv) > 4 else 0)
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,6 +28,7 @@ BIN = Path(sys.executable).parent
 PREFECT = str(BIN / "prefect")
 HELPER = str(TESTS / "schedule_flows.py")
 INTERVAL_S = "5"
+SILENCE_S = 45  # flows.deploy gives a server that refuses connections ~25 s
 
 
 def free_port() -> int:
@@ -189,6 +191,7 @@ def server():
     finally:
         srv.proc.stop()
         log = srv.proc.output()
+        shutil.rmtree(home, ignore_errors=True)
         # the defect of issue 16: the scheduler service failing on every tick
         assert "Can't evaluate bulk DML" not in log, srv.proc.tail()
 
@@ -242,6 +245,8 @@ def test_work_pool_deployment_is_run_by_a_process_worker(server, tmp_path):
         )
     finally:
         worker.stop()
+        # nothing serves it any more: its 5 s schedule would pile up Late runs on the shared server
+        server.request("DELETE", f"/deployments/{deployment['id']}")
     assert run["work_pool_name"] == "tick-pool"
     assert run["id"] in out.read_text().split()
 
@@ -293,8 +298,8 @@ def test_late_backlog_collapses_into_one_run_and_a_new_run_queues(server, tmp_pa
     out = tmp_path / "work.txt"
     serving = server.start("serve-backlog", [sys.executable, HELPER, "work", str(out), "6", "4"])
     try:
-        deployment = wait_for("the backlog deployment", lambda: (
-            d := server.deployment("work", "work-served")) and d["parameters"]["out"] == str(out) and d, 90, serving)
+        deployment = wait_for("the backlog deployment", lambda: server.deployment("work", f"work-{tmp_path.name}"),
+                              90, serving)
         assert deployment["global_concurrency_limit"]["limit"] == 1
         assert deployment["concurrency_options"]["collision_strategy"] == "ENQUEUE"
 
@@ -319,7 +324,8 @@ def test_late_backlog_collapses_into_one_run_and_a_new_run_queues(server, tmp_pa
     finally:
         serving.stop()
     first, second = server.run(first["id"]), server.run(second["id"])
-    assert first["state_type"] == second["state_type"] == "COMPLETED", (first["state"], second["state"])
+    assert first["state_type"] == second["state_type"] == "COMPLETED", [
+        (r["name"], r["state"]["name"], r["state"]["message"], r["expected_start_time"]) for r in (first, second)]
     assert "AwaitingConcurrencySlot" in server.state_names(second["id"])
     assert second["start_time"] >= first["end_time"]  # one at a time
     assert out.read_text().split() == [winner["id"], first["id"], second["id"]]
@@ -331,8 +337,8 @@ def test_sigterm_to_the_serving_process_cancels_the_run_in_progress(server, tmp_
     out = tmp_path / "work.txt"
     serving = server.start("serve-sigterm", [sys.executable, HELPER, "work", str(out), "120"])
     try:
-        deployment = wait_for("the served deployment with this test's parameters", lambda: (
-            d := server.deployment("work", "work-served")) and d["parameters"]["out"] == str(out) and d, 90, serving)
+        deployment = wait_for("the served deployment", lambda: server.deployment("work", f"work-{tmp_path.name}"),
+                              90, serving)
         run = server.create_run(deployment["id"])
         wait_for("the run to start", lambda: out.exists() and run["id"] in out.read_text(), 90, serving)
         assert server.run(run["id"])["state_type"] == "RUNNING"
@@ -348,6 +354,54 @@ def test_sigterm_to_the_serving_process_cancels_the_run_in_progress(server, tmp_
         serving.stop()
     assert final["state_type"] == "CANCELLED", (final["state"], serving.tail())
     assert "SIGTERM received: cancelling the runs in progress" in serving.output()
+
+
+def test_sigterm_while_a_completed_run_still_exits_keeps_it_completed(server, tmp_path):
+    """SIGTERM when a run has already COMPLETED but its process is still exiting (here: a slow
+    on_completion hook): the run stays COMPLETED. Prefect 3.8.8's runner alone forces such a run to
+    CANCELLED, and a finished retrain would read as cancelled."""
+    out = tmp_path / "work.txt"
+    serving = server.start("serve-linger", [sys.executable, HELPER, "work", str(out), "1", "0", "30"])
+    try:
+        deployment = wait_for("the served deployment", lambda: server.deployment("work", f"work-{tmp_path.name}"),
+                              90, serving)
+        run = server.create_run(deployment["id"])
+        wait_for("the run to complete", lambda: server.run(run["id"])["state_type"] == "COMPLETED", 90, serving)
+        serving.popen.send_signal(signal.SIGTERM)
+        try:
+            serving.popen.wait(60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still serving 60 s after SIGTERM\n{serving.tail()}")
+        assert serving.popen.returncode == 0, serving.tail()
+    finally:
+        serving.stop()
+    final = server.run(run["id"])
+    assert final["state_type"] == "COMPLETED", (final["state"], serving.tail())
+
+
+def test_a_server_silent_for_a_while_is_waited_for_not_given_up(server, tmp_path):
+    """A busy server answers late (on a loaded CI machine it missed health checks for over 25 s in a
+    row); here it is stopped (SIGSTOP) for longer than a gone server is given (~25 s). The serving
+    process stays, and serves a run once the server answers again."""
+    out = tmp_path / "work.txt"
+    serving = server.start("serve-silent", [sys.executable, HELPER, "work", str(out), "1"])
+    try:
+        deployment = wait_for("the served deployment", lambda: server.deployment("work", f"work-{tmp_path.name}"),
+                              90, serving)
+        server.proc.signal(signal.SIGSTOP)
+        try:
+            time.sleep(SILENCE_S)
+        finally:
+            server.proc.signal(signal.SIGCONT)
+        assert serving.popen.poll() is None, serving.tail()
+        run = server.create_run(deployment["id"])
+        final = wait_for("the run to end", lambda: (r := server.run(run["id"]))["state_type"] in FINAL and r,
+                         90, serving)
+    finally:
+        serving.stop()
+    assert final["state_type"] == "COMPLETED", (final["state"], serving.tail())
+    assert out.read_text().split() == [run["id"]]
+    assert "stopped answering" not in serving.output()
 
 
 def test_flows_deploy_without_an_api_is_one_line(tmp_path):
