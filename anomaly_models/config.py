@@ -285,9 +285,12 @@ class RetrainConfig:
     # Score each new image with the registered champion first: one at or above its threshold is
     # anomalous and goes to the inbox's rejected/ (score and threshold in reasons.json)
     screen_with_champion: bool = True
+    # runs/<run id>/ folders kept, newest first; older ones (their model and metrics are in MLflow)
+    # are deleted when a run ends, except those of runs still in progress
+    keep_run_folders: int = 20
 
     def __post_init__(self):
-        at_least(self, "retrain", retrain_interval_minutes=1)
+        at_least(self, "retrain", retrain_interval_minutes=1, keep_run_folders=1)
         if not self.inbox.strip():
             raise ConfigError("retrain.inbox: name the folder new normal images are dropped into")
         if len(self.pipeline_cron.split()) != 5:

@@ -53,7 +53,13 @@ def run_pipeline(params: Params, workdir: Path, run_id: str | None = None, profi
     run_id = run_id or workspace.current_run_id("pipeline")
     params = steps.download(params, workdir)
     with workspace.training_lock(workdir, params.registered_name()):
-        return train_and_publish(params, workdir, workspace.run_folder(workdir, run_id), profile, as_file)
+        run_dir = workspace.run_folder(workdir, run_id)
+        with workspace.run_in_progress(run_dir):
+            result = train_and_publish(params, workdir, run_dir, profile, as_file)
+    keep = params.retrain.keep_run_folders
+    if removed := workspace.prune_run_folders(workdir, keep):
+        print(f"removed {len(removed)} old run folder(s) from runs/ (retrain.keep_run_folders: {keep})")
+    return result
 
 
 def train_and_publish(params: Params, workdir: Path, run_dir: Path, profile: str | None, as_file: bool) -> dict:

@@ -44,10 +44,12 @@ def retrain(params_file: str = "params.yaml", profile: str | None = None, workdi
 
     params = steps.download(params, work)  # the images go into data/<dataset>, which every door reads
     run_id = workspace.current_run_id("retrain")
-    before = steps.prepare(params, workspace.run_folder(work, run_id) / "manifest-before.json")
-    known = {entry["sha256"] for files in before["splits"].values() for entry in files}
-    screen = champion_screen(params)  # the champion's verdicts (retrain.screen_with_champion)
-    report = steps.ingest(params, inbox, known, work, screen)
+    run_dir = workspace.run_folder(work, run_id)
+    with workspace.run_in_progress(run_dir):
+        before = steps.prepare(params, run_dir / "manifest-before.json")
+        known = {entry["sha256"] for files in before["splits"].values() for entry in files}
+        screen = champion_screen(params)  # the champion's verdicts (retrain.screen_with_champion)
+        report = steps.ingest(params, inbox, known, work, screen)
     rejected = {**quarantined, **report.rejected}
     if not report.accepted:
         return {"status": "nothing accepted", "rejected": rejected}

@@ -46,6 +46,7 @@ RUN_FILES = {
     "plots": "plots",
     "settings.yaml": "settings.yaml",
 }
+IN_PROGRESS_LOCK = ".in-progress.lock"  # in a run folder, locked while its run works
 PARTIAL_CHECKPOINT = "model.pt.partial"  # what training writes after each epoch (runs.train_model)
 RUN_MANIFEST = "manifest.json"  # published as data/manifest.json with paths relative to the project
 WORKSPACE_MANIFEST = "data/manifest.json"
@@ -73,6 +74,44 @@ def run_folder(workdir: str | Path, run_id: str) -> Path:
     folder = Path(workdir) / RUNS_FOLDER / run_id
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+@contextmanager
+def run_in_progress(run_dir: Path) -> Iterator[None]:
+    """Mark a run folder as in use while its run works (an OS file lock, freed when the run ends or
+    is killed): `prune_run_folders` never deletes it, however many newer folders there are."""
+    with FileLock(str(Path(run_dir) / IN_PROGRESS_LOCK)):
+        yield
+
+
+def prune_run_folders(workdir: str | Path, keep: int) -> list[Path]:
+    """Delete the run folders beyond the `keep` newest (by modification time) whose run is not in
+    progress, and return them. Unattended, every trained run leaves a checkpoint there (~17 MB for
+    PatchCore) that MLflow holds too; without this, runs/ only grows."""
+    runs = Path(workdir) / RUNS_FOLDER
+    if not runs.is_dir():
+        return []
+    folders = sorted((path for path in runs.iterdir() if path.is_dir()), key=_modified, reverse=True)
+    removed = []
+    for folder in folders[keep:]:
+        lock = FileLock(str(folder / IN_PROGRESS_LOCK))
+        try:
+            lock.acquire(timeout=0)
+        except (Timeout, FileNotFoundError):  # its run still works, or another prune removed it
+            continue
+        try:
+            shutil.rmtree(folder, ignore_errors=True)
+        finally:
+            lock.release()
+        removed.append(folder)
+    return removed
+
+
+def _modified(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
 
 
 @contextmanager

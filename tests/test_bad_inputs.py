@@ -391,6 +391,8 @@ CASES = {
     "retrain-inbox-is-a-file": (lambda ws: then(ws.put(ws.inbox, b""), retrain(ws)), "retrain.inbox"),
     "retrain-interval-zero": (lambda ws: then(ws.params_with(retrain={"retrain_interval_minutes": 0}), retrain(ws)),
                               "retrain.retrain_interval_minutes"),
+    "retrain-keep-no-run-folders": (lambda ws: then(ws.params_with(retrain={"keep_run_folders": 0}), retrain(ws)),
+                                    "retrain.keep_run_folders"),
     "retrain-decompression-bomb": (lambda ws: then(ws.put(ws.inbox / "bomb.png", BOMB), retrain(ws)), "bomb.png"),
     "retrain-non-utf8-name": (lambda ws: then(ws.put(ws.inbox / NON_UTF8, ws.good()), retrain(ws)), "caf\\xe9.png"),
     "retrain-reject-never-overwrites": (lambda ws: then(ws.put(ws.inbox / "rejected" / "x.png", b"earlier reject"),

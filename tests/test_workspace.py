@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from anomaly_models.config import load_params
 from anomaly_models.files import file_sha256
+from tasks.workspace import prune_run_folders, run_in_progress
 from tests.test_pipeline import NAME, REPO, write_params
 
 CODE = ("anomaly_models", "tasks", "flows", "dvc.yaml", ".dvcignore", ".gitignore")
@@ -110,6 +111,9 @@ def test_anomaly_run_leaves_the_workspace_dvc_tracks(tmp_path, mvtec_root):
     with nothing changed says so and logs nothing; numeric metrics.json and settings.yaml are in git,
     so `dvc metrics diff` has numbers for HEAD in a fresh clone."""
     repo, env = make_project(tmp_path, mvtec_root)
+    raw = yaml.safe_load((repo / "params.yaml").read_text())
+    raw["retrain"]["keep_run_folders"] = 1
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw))
     first = command(repo, env, "anomaly", "run")
     assert "published to the workspace" in first
     assert "up to date" in command(repo, env, "dvc", "status")
@@ -131,6 +135,10 @@ def test_anomaly_run_leaves_the_workspace_dvc_tracks(tmp_path, mvtec_root):
     again = command(repo, env, "anomaly", "run")
     assert "nothing changed since run" in again and "registered version" not in again
     assert len(MlflowClient().search_runs([experiment])) == 1
+    # retrain.keep_run_folders: 1, so the first run's folder went; what it published stays
+    [kept] = [path for path in (repo / "runs").iterdir() if path.is_dir()]
+    assert kept.name != json.loads((repo / "runs" / "published.json").read_text())["run_id"]
+    assert "up to date" in command(repo, env, "dvc", "status")
 
     command(repo, env, "git", "add", "-A")
     command(repo, env, "git", "commit", "-q", "-m", "baseline")
@@ -145,6 +153,26 @@ def test_anomaly_run_leaves_the_workspace_dvc_tracks(tmp_path, mvtec_root):
     header = command(clone, env, "dvc", "exp", "show", "--drop", EXP_SHOW_DROP, "--csv").splitlines()[0].split(",")
     assert "settings.yaml:model.ae.base_channels" in header and "image_auroc" in header
     assert not [column for column in header if "memae" in column] and len(header) < 80, header
+
+
+def test_old_run_folders_are_pruned_but_never_one_in_progress(tmp_path):
+    """retrain.keep_run_folders: the newest folders stay, older ones go when a run ends, except the
+    folder of a run still working (its lock held: here by this process, as a live run holds it);
+    the workspace's own files in runs/ are left alone."""
+    runs = tmp_path / "runs"
+    for name in "abcde":
+        (runs / name).mkdir(parents=True)
+        (runs / name / "model.pt").write_bytes(b"checkpoint")
+    (runs / "published.json").write_text("{}")
+    (runs / ".training-some-model.lock").touch()
+    with run_in_progress(runs / "a"):
+        for age, name in enumerate("abcde"):  # a is the oldest, e the newest
+            os.utime(runs / name, (1_000_000 + age, 1_000_000 + age))
+        assert [path.name for path in prune_run_folders(tmp_path, keep=2)] == ["c", "b"]
+        assert sorted(path.name for path in runs.iterdir()) == [
+            ".training-some-model.lock", "a", "d", "e", "published.json"]
+    assert [path.name for path in prune_run_folders(tmp_path, keep=2)] == ["a"]  # its run has ended
+    assert prune_run_folders(tmp_path / "no-runs-yet", keep=2) == []
 
 
 def test_dvc_repro_of_another_category_keeps_the_images_retraining_added(tmp_path, tiny_mvtec):
