@@ -97,7 +97,7 @@ def prune_run_folders(workdir: str | Path, keep: int) -> list[Path]:
         lock = FileLock(str(folder / IN_PROGRESS_LOCK))
         try:
             lock.acquire(timeout=0)
-        except (Timeout, FileNotFoundError):  # its run still works, or another prune removed it
+        except (Timeout, OSError):  # its run still works, another prune removed it, or unwritable
             continue
         try:
             shutil.rmtree(folder, ignore_errors=True)
